@@ -1,0 +1,34 @@
+"""fisherlora: LoRA initialization in the Fisher subspace of the downstream data, PEFT-native.
+
+    import fisherlora as fl
+    stats = fl.collect_fisher(peft_model, dataloader, fl.FisherConfig())
+    fl.initialize_lora_fisher(peft_model, stats, fl.FisherConfig(method="fisher_svd"))
+    fl.save_as_lora(peft_model, "adapter/")
+"""
+
+from . import init as _init  # noqa: F401  (registers the initializers)
+from .api import collect_fisher, initialize_lora_fisher
+from .config import FisherConfig
+from .init.registry import INITIALIZERS, register_initializer
+from .methods import METHODS, PEFT_BASELINES, list_methods
+from .peft import LayerReport, save_as_lora
+from .stats.collect import StatisticsError
+from .stats.container import FisherStats, LayerStats
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "INITIALIZERS",
+    "METHODS",
+    "PEFT_BASELINES",
+    "FisherConfig",
+    "FisherStats",
+    "LayerReport",
+    "LayerStats",
+    "StatisticsError",
+    "collect_fisher",
+    "initialize_lora_fisher",
+    "list_methods",
+    "register_initializer",
+    "save_as_lora",
+]

@@ -1,0 +1,101 @@
+"""The Fisher-guided initializers (DESIGN.md section 2).
+
+Each takes `W (d_out, d_in)` in float64 and a `LayerGeometry` (statistics with damped roots) and
+returns `A (r, d_in)`, `B (d_out, r)`; `run_initializer` forms the residual `W - s B A`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import FisherConfig
+from ..stats.linalg import balanced_directions, balanced_factors, top_eigenvectors
+from .registry import LayerGeometry, register_initializer
+from .weight_only import singular_triplet_factors
+
+
+def _require(geometry: LayerGeometry | None) -> LayerGeometry:
+    if geometry is None:  # run_initializer guarantees it; this keeps the type checker honest
+        raise ValueError("this initializer needs Fisher statistics")
+    return geometry
+
+
+@register_initializer(
+    "fisher_svd",
+    "Fisher-weighted PiSSA: best rank-r approximation of W in the Fisher norm (SVD of G^1/2 W A^1/2), balanced",
+)
+def fisher_svd(weight: torch.Tensor, geometry: LayerGeometry | None, rank: int, scaling: float,
+               config: FisherConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    geometry = _require(geometry)
+    grad_roots, act_roots = geometry.grad_roots, geometry.act_roots
+    whitened = grad_roots.root @ weight @ act_roots.root
+    left, singular_values, right_transposed = torch.linalg.svd(whitened, full_matrices=False)
+    # Un-whiten: s B A = G^-1/2 U_r S_r V_r^T A^-1/2, the Eckart-Young optimum in the Fisher norm.
+    return balanced_factors(
+        grad_roots.inverse_root @ left[:, :rank],
+        singular_values[:rank],
+        act_roots.inverse_root @ right_transposed[:rank].T,
+        scaling,
+    )
+
+
+@register_initializer(
+    "fisher_select",
+    "W's own singular triplets ranked by Fisher sensitivity sigma^2 (u^T G u)(v^T A v) instead of sigma",
+)
+def fisher_select(weight: torch.Tensor, geometry: LayerGeometry | None, rank: int, scaling: float,
+                  config: FisherConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    geometry = _require(geometry)
+    left, singular_values, right_transposed = torch.linalg.svd(weight, full_matrices=False)
+    output_sensitivity = ((geometry.damped_grad_cov @ left) * left).sum(dim=0)
+    input_sensitivity = ((right_transposed @ geometry.damped_act_cov) * right_transposed).sum(dim=1)
+    scores = singular_values.square() * output_sensitivity * input_sensitivity
+    chosen = torch.argsort(scores, descending=True)[:rank]
+    return singular_triplet_factors(weight, chosen, scaling)
+
+
+@register_initializer(
+    "fisher_eig",
+    "adapter spans the top-r eigenvectors of G (output side) and of A (input side); scale per eig_scale",
+)
+def fisher_eig(weight: torch.Tensor, geometry: LayerGeometry | None, rank: int, scaling: float,
+               config: FisherConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    geometry = _require(geometry)
+    _, output_directions = top_eigenvectors(geometry.stats.grad_cov, rank)  # (d_out, r)
+    _, input_directions = top_eigenvectors(geometry.stats.act_cov, rank)  # (d_in, r)
+    output_directions = output_directions.to(weight.dtype)
+    input_directions = input_directions.to(weight.dtype)
+    if config.eig_scale == "unit":
+        gamma = config.eig_gamma
+        return gamma * input_directions.T, gamma * output_directions
+    # "projection": the adapter holds W restricted to the sensitive subspaces, P_G W P_A.
+    core = output_directions.T @ weight @ input_directions
+    core_left, core_values, core_right_transposed = torch.linalg.svd(core)
+    half = torch.sqrt(core_values / scaling)
+    lora_b = (output_directions @ core_left) * half
+    lora_a = half[:, None] * (core_right_transposed @ input_directions.T)
+    return lora_a, lora_b
+
+
+@register_initializer(
+    "fisher_grad",
+    "natural-gradient spectral init: best rank-r Fisher-norm approximation of G^-1 M A^-1; scale per grad_scale",
+    needs_grad_mean=True,
+)
+def fisher_grad(weight: torch.Tensor, geometry: LayerGeometry | None, rank: int, scaling: float,
+                config: FisherConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    geometry = _require(geometry)
+    assert geometry.stats.grad_mean is not None
+    grad_roots, act_roots = geometry.grad_roots, geometry.act_roots
+    whitened = grad_roots.inverse_root @ geometry.stats.grad_mean.double() @ act_roots.inverse_root
+    left, singular_values, right_transposed = torch.linalg.svd(whitened, full_matrices=False)
+    left_factor = grad_roots.inverse_root @ left[:, :rank]
+    right_factor = act_roots.inverse_root @ right_transposed[:rank].T
+    if config.grad_scale == "spectrum":
+        return balanced_factors(left_factor, config.grad_step * singular_values[:rank], right_factor, scaling)
+    directions_b, _, directions_a = balanced_directions(left_factor, singular_values[:rank], right_factor)
+    if config.grad_scale == "unit":
+        return directions_a, directions_b
+    # "stable" (LoRA-GA): both factors scaled by d_out^(1/4) / sqrt(gamma).
+    factor = weight.shape[0] ** 0.25 / config.grad_gamma**0.5
+    return factor * directions_a, factor * directions_b

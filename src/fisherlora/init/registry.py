@@ -1,0 +1,189 @@
+"""The initializer registry and the checks every initializer goes through."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+
+from ..config import FisherConfig
+from ..stats.container import LayerStats
+from ..stats.linalg import FactorRoots, damp, fisher_norm_squared, symmetric_roots
+
+
+class LayerGeometry:
+    """A layer's statistics with its damped factors and their roots computed once, on demand.
+
+    Attributes:
+        stats: the `LayerStats`.
+        damping: relative damping applied to both factors.
+    """
+
+    def __init__(self, stats: LayerStats, damping: float) -> None:
+        self.stats = stats
+        self.damping = damping
+
+    @cached_property
+    def act_roots(self) -> FactorRoots:
+        """Roots of the damped `A`, `(d_in, d_in)` float64."""
+        return symmetric_roots(self.stats.act_cov, self.damping)
+
+    @cached_property
+    def grad_roots(self) -> FactorRoots:
+        """Roots of the damped `G`, `(d_out, d_out)` float64."""
+        return symmetric_roots(self.stats.grad_cov, self.damping)
+
+    @cached_property
+    def damped_act_cov(self) -> torch.Tensor:
+        return damp(self.stats.act_cov.double(), self.damping)[0]
+
+    @cached_property
+    def damped_grad_cov(self) -> torch.Tensor:
+        return damp(self.stats.grad_cov.double(), self.damping)[0]
+
+
+@dataclass
+class InitResult:
+    """Adapter factors and residual for one layer, `W == residual + scaling * lora_b @ lora_a`.
+
+    Attributes:
+        lora_a: `(r, d_in)`.
+        lora_b: `(d_out, r)`.
+        residual: `(d_out, d_in)`.
+        captured_energy: `||s B A||_F^2 / ||W||_F^2` in the Fisher norm (None without statistics).
+        damping_added: absolute damping added to `A` and `G` (None without statistics).
+    """
+
+    lora_a: torch.Tensor
+    lora_b: torch.Tensor
+    residual: torch.Tensor
+    captured_energy: float | None = None
+    damping_added: tuple[float, float] | None = None
+
+
+InitFunction = Callable[[torch.Tensor, LayerGeometry | None, int, float, FisherConfig],
+                        tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class Initializer:
+    """A registered initializer.
+
+    Attributes:
+        name: the name users pass as `FisherConfig.method`.
+        function: `(W (d_out, d_in) float64, geometry or None, r, s, config) -> (A (r, d_in), B (d_out, r))`.
+        description: one line for `fisherlora methods`.
+        needs_statistics: whether it uses `A`/`G`.
+        needs_grad_mean: whether it uses `M`.
+    """
+
+    name: str
+    function: InitFunction
+    description: str
+    needs_statistics: bool = True
+    needs_grad_mean: bool = False
+
+
+INITIALIZERS: dict[str, Initializer] = {}
+
+
+def register_initializer(
+    name: str, description: str, needs_statistics: bool = True, needs_grad_mean: bool = False
+) -> Callable[[InitFunction], InitFunction]:
+    """Decorator adding an initializer to the registry (and so to the CLI, tests and benchmark)."""
+
+    def decorate(function: InitFunction) -> InitFunction:
+        if name in INITIALIZERS:
+            raise ValueError(f"initializer {name!r} is registered twice")
+        INITIALIZERS[name] = Initializer(name, function, description, needs_statistics, needs_grad_mean)
+        return function
+
+    return decorate
+
+
+def get_initializer(name: str) -> Initializer:
+    if name not in INITIALIZERS:
+        raise ValueError(f"unknown initializer {name!r}; choose one of {sorted(INITIALIZERS)}")
+    return INITIALIZERS[name]
+
+
+def run_initializer(
+    method: str,
+    weight: torch.Tensor,
+    stats: LayerStats | None,
+    rank: int,
+    scaling: float,
+    config: FisherConfig,
+    module_name: str = "<layer>",
+) -> InitResult:
+    """Validate the inputs, run one initializer, and return factors plus residual in float32.
+
+    Args:
+        method: registered initializer name.
+        weight: `(d_out, d_in)` floating-point weight.
+        stats: the layer's statistics (required when the method needs them).
+        rank: LoRA rank `r`, `1 <= r <= min(d_out, d_in)`.
+        scaling: LoRA scaling `s` (`alpha / r`, or `alpha / sqrt(r)` with rsLoRA).
+        config: the `FisherConfig` (damping, scale rules).
+        module_name: named in error messages.
+
+    Returns:
+        `InitResult` with `residual + s * B @ A == W` up to float32 rounding.
+    """
+    initializer = get_initializer(method)
+    if weight.dim() != 2:
+        raise ValueError(f"module {module_name!r}: expected a (d_out, d_in) weight, got shape {tuple(weight.shape)}")
+    if not weight.is_floating_point():
+        raise TypeError(
+            f"module {module_name!r} has a {weight.dtype} weight: not floating point (quantized?); "
+            "initialize in float32/bfloat16 and quantize the residual afterwards"
+        )
+    d_out, d_in = weight.shape
+    if not 1 <= rank <= min(d_out, d_in):
+        raise ValueError(f"module {module_name!r}: rank r={rank} must be between 1 and min(d_out={d_out}, d_in={d_in})")
+    if scaling <= 0:
+        raise ValueError(f"module {module_name!r}: LoRA scaling must be > 0, got {scaling}")
+    geometry = None
+    if initializer.needs_statistics:
+        if stats is None:
+            raise ValueError(f"method {method!r} needs Fisher statistics for module {module_name!r}; none were given")
+        if tuple(stats.weight_shape) != (d_out, d_in):
+            raise ValueError(
+                f"statistics for module {module_name!r} have weight shape {tuple(stats.weight_shape)}, "
+                f"the layer has {(d_out, d_in)}"
+            )
+        if initializer.needs_grad_mean and stats.grad_mean is None:
+            raise ValueError(
+                f"method {method!r} needs grad_mean for module {module_name!r}: collect with collect_grad_mean=True"
+            )
+        geometry = LayerGeometry(stats, config.damping)
+    matrix = weight.detach().double()
+    lora_a, lora_b = initializer.function(matrix, geometry, rank, scaling, config)
+    if lora_a.shape != (rank, d_in) or lora_b.shape != (d_out, rank):
+        raise RuntimeError(
+            f"initializer {method!r} returned A {tuple(lora_a.shape)} and B {tuple(lora_b.shape)}, "
+            f"expected {(rank, d_in)} and {(d_out, rank)}"
+        )
+    if not (torch.isfinite(lora_a).all() and torch.isfinite(lora_b).all()):
+        raise FloatingPointError(f"initializer {method!r} produced non-finite factors for module {module_name!r}")
+    # The residual is formed from the factors as they will be stored (float32), so that
+    # residual + s * B @ A reproduces W to float32 rounding of the residual alone.
+    lora_a, lora_b = lora_a.float(), lora_b.float()
+    product = scaling * lora_b.double() @ lora_a.double()
+    residual = matrix - product
+    captured = None
+    damping_added = None
+    if geometry is not None:
+        grad_root, act_root = geometry.grad_roots.root, geometry.act_roots.root
+        total = fisher_norm_squared(matrix, grad_root, act_root)
+        captured = fisher_norm_squared(product, grad_root, act_root) / total if total > 0 else 0.0
+        damping_added = (geometry.act_roots.damping_added, geometry.grad_roots.damping_added)
+    return InitResult(
+        lora_a=lora_a.float(),
+        lora_b=lora_b.float(),
+        residual=residual.float(),
+        captured_energy=captured,
+        damping_added=damping_added,
+    )

@@ -1,0 +1,299 @@
+"""The only module that touches PEFT internals: find LoRA layers, write A/B/residual, convert, save."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import tempfile
+import weakref
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import FisherConfig
+from .init.registry import get_initializer, run_initializer
+from .stats.collect import TargetLayer
+from .stats.container import FisherStats, fingerprints_match, weight_fingerprint
+from .stats.layers import layer_type_of, module_weight, weight_matrix
+
+PEFT_PREFIX = "base_model.model."
+
+
+def _as_any(module: nn.Module) -> Any:
+    # PEFT layers carry dynamic attributes (lora_A, r, scaling) that the type checker cannot see.
+    return module
+
+
+def base_name(name: str) -> str:
+    """Module name inside the base model: PEFT's `base_model.model.` prefix removed."""
+    return name[len(PEFT_PREFIX):] if name.startswith(PEFT_PREFIX) else name
+
+
+def _lora_layer_class() -> type:
+    from peft.tuners.lora import LoraLayer
+
+    return LoraLayer
+
+
+def is_peft_model(model: nn.Module) -> bool:
+    from peft import PeftModel
+
+    return isinstance(model, PeftModel)
+
+
+def find_target_layers(
+    model: nn.Module, adapter_name: str = "default", target_modules: Iterable[str] | str | None = None
+) -> list[TargetLayer]:
+    """The layers statistics are collected for and adapters are written to.
+
+    For a PEFT model: every LoRA layer holding `adapter_name`. For a plain model: the modules
+    matched by `target_modules` (PEFT's own matching rules: a list of name suffixes or a regex).
+
+    Raises:
+        ValueError: no layer is targeted. TypeError: a targeted module has an unsupported type
+        (named with its type) or a non-floating-point weight.
+    """
+    lora_layer: Any = _lora_layer_class()
+    targets: list[TargetLayer] = []
+    if is_peft_model(model) or any(isinstance(module, lora_layer) for module in model.modules()):
+        if target_modules is not None:
+            raise ValueError("target_modules is only for plain models; a PEFT model's LoraConfig already names them")
+        for name, module in model.named_modules():
+            if isinstance(module, lora_layer) and adapter_name in module.lora_A:
+                base = module.get_base_layer()
+                if getattr(module, "use_dora", {}).get(adapter_name, False):
+                    raise TypeError(f"module {name!r} uses DoRA; fisherlora initializes plain LoRA adapters only")
+                targets.append(TargetLayer(base_name(name), module, base, layer_type_of(base_name(name), base)))
+        if not targets:
+            raise ValueError(f"the PEFT model has no LoRA layer with adapter {adapter_name!r}")
+    else:
+        if target_modules is None:
+            raise ValueError("a plain (non-PEFT) model needs target_modules=[...] to know which layers to use")
+        from peft import LoraConfig
+        from peft.tuners.lora import LoraModel
+
+        probe = LoraConfig(target_modules=target_modules if isinstance(target_modules, str) else list(target_modules))
+        for name, module in model.named_modules():
+            if name and LoraModel._check_target_module_exists(probe, name):
+                if not hasattr(module, "weight") and isinstance(module, nn.ModuleDict | nn.ModuleList | nn.Sequential):
+                    continue
+                targets.append(TargetLayer(name, module, module, layer_type_of(name, module)))
+        if not targets:
+            raise ValueError(f"no module of the model matches target_modules={target_modules!r}")
+    for target in targets:
+        weight = module_weight(target.weight_module)
+        if not weight.is_floating_point():
+            raise TypeError(
+                f"module {target.name!r} has a {weight.dtype} weight: not floating point (quantized?); "
+                "fisherlora needs a floating-point base weight"
+            )
+    return targets
+
+
+@dataclass
+class LayerReport:
+    """What `initialize_lora_fisher` did to one layer.
+
+    Attributes:
+        name: module name in the base model.
+        rank: LoRA rank.
+        scaling: LoRA scaling `s`.
+        captured_energy: fraction of `||W||^2` in the Fisher norm held by the adapter (None for
+            data-free methods).
+        damping_added: absolute damping added to `(A, G)`.
+    """
+
+    name: str
+    rank: int
+    scaling: float
+    captured_energy: float | None
+    damping_added: tuple[float, float] | None
+
+    def __str__(self) -> str:
+        energy = "-" if self.captured_energy is None else f"{self.captured_energy:.3f}"
+        damping = "-" if self.damping_added is None else f"A+{self.damping_added[0]:.2e}, G+{self.damping_added[1]:.2e}"
+        return f"{self.name}: r={self.rank} s={self.scaling:g} fisher energy={energy} damping {damping}"
+
+
+@dataclass
+class _InitialState:
+    # Per layer (base name): initial A, B (float32, CPU) and the scaling, for save_as_lora.
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor, float]]
+
+
+# Initial factors per PEFT model object, kept outside the modules and dropped with the model.
+_INITIAL_STATES: weakref.WeakKeyDictionary[nn.Module, dict[str, _InitialState]] = weakref.WeakKeyDictionary()
+
+
+def _to_lora_shapes(layer: Any, adapter: str, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                    layer_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+    target_a = layer.lora_A[adapter].weight
+    target_b = layer.lora_B[adapter].weight
+    return lora_a.reshape(target_a.shape), lora_b.reshape(target_b.shape)
+
+
+def _write_residual(base: nn.Module, layer_type: str, residual: torch.Tensor) -> None:
+    weight = module_weight(base)
+    if layer_type == "conv1d":
+        new = residual.T
+    else:
+        new = residual.reshape(weight.shape)
+    with torch.no_grad():
+        weight.copy_(new.to(dtype=weight.dtype, device=weight.device))
+
+
+def check_statistics_match(stats: FisherStats, targets: list[TargetLayer]) -> None:
+    """Refuse statistics collected on another model: names, shapes and weight fingerprints."""
+    for target in targets:
+        if target.name not in stats.layers:
+            raise ValueError(
+                f"the statistics have no entry for module {target.name!r} (they cover {sorted(stats.layers)[:5]}...); "
+                "were they collected for other target modules?"
+            )
+        layer = stats.layers[target.name]
+        weight = weight_matrix(target.weight_module, target.layer_type)
+        if tuple(layer.weight_shape) != tuple(weight.shape):
+            raise ValueError(
+                f"statistics for module {target.name!r} were collected on a weight of shape "
+                f"{tuple(layer.weight_shape)}, the model's is {tuple(weight.shape)}: a different model"
+            )
+        if layer.fingerprint and not fingerprints_match(layer.fingerprint, weight_fingerprint(weight)):
+            raise ValueError(
+                f"statistics for module {target.name!r} do not match the model's weight fingerprint: they were "
+                "collected on a different checkpoint, or this model was already initialized (its weight is a residual)"
+            )
+
+
+def write_adapters(
+    model: nn.Module, stats: FisherStats | None, config: FisherConfig, adapter_name: str = "default"
+) -> list[LayerReport]:
+    """Compute every targeted layer's factors and residual, then write them; all or nothing.
+
+    All factors are computed before the first write, so a failing layer leaves the model intact.
+    """
+    initializer = get_initializer(config.method)
+    targets = find_target_layers(model, adapter_name)
+    if stats is not None:
+        check_statistics_match(stats, targets)
+    elif initializer.needs_statistics:
+        raise ValueError(f"method {config.method!r} needs statistics or a dataloader")
+    planned = []
+    for target in targets:
+        layer: Any = target.hook_module
+        rank = int(layer.r[adapter_name])
+        scaling = float(layer.scaling[adapter_name])
+        weight = weight_matrix(target.weight_module, target.layer_type)
+        result = run_initializer(
+            config.method,
+            weight,
+            stats.layers[target.name] if stats is not None else None,
+            rank,
+            scaling,
+            config,
+            module_name=target.name,
+        )
+        planned.append((target, rank, scaling, result))
+    reports = []
+    initial: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
+    for target, rank, scaling, result in planned:
+        layer = target.hook_module
+        lora_a, lora_b = _to_lora_shapes(layer, adapter_name, result.lora_a, result.lora_b, target.layer_type)
+        with torch.no_grad():
+            parameter_a = layer.lora_A[adapter_name].weight
+            parameter_b = layer.lora_B[adapter_name].weight
+            parameter_a.copy_(lora_a.to(dtype=parameter_a.dtype, device=parameter_a.device))
+            parameter_b.copy_(lora_b.to(dtype=parameter_b.dtype, device=parameter_b.device))
+        _write_residual(target.weight_module, target.layer_type, result.residual)
+        initial[target.name] = (lora_a.detach().float().cpu().clone(), lora_b.detach().float().cpu().clone(), scaling)
+        reports.append(LayerReport(target.name, rank, scaling, result.captured_energy, result.damping_added))
+    _INITIAL_STATES.setdefault(model, {})[adapter_name] = _InitialState(initial)
+    return reports
+
+
+def _converted_config(peft_config: Any) -> Any:
+    # The converted adapter has rank 2r and scaling 1 (s is folded into B), for every layer.
+    config = copy.deepcopy(peft_config)
+    rank_pattern = dict(config.rank_pattern or {})
+    alpha_pattern = dict(config.alpha_pattern or {})
+    config.r = 2 * peft_config.r
+    config.lora_alpha = 2 * peft_config.r
+    config.use_rslora = False
+    config.rank_pattern = {key: 2 * value for key, value in rank_pattern.items()}
+    config.alpha_pattern = {key: 2 * rank_pattern.get(key, peft_config.r) for key in {*rank_pattern, *alpha_pattern}}
+    config.init_lora_weights = True
+    return config
+
+
+def save_as_lora(model: nn.Module, out_dir: str | os.PathLike[str], adapter_name: str = "default") -> Path:
+    """Write an adapter that loads onto the ORIGINAL base with `PeftModel.from_pretrained`.
+
+    The model's base weights hold `W - s B0 A0`; its adapter holds trained `A1, B1`. Since
+    `W - s B0 A0 + s B1 A1 = W + [s B1, -s B0] [A1; A0]`, the saved adapter has rank `2r`,
+    scaling 1, `A = [A1; A0]`, `B = [s B1, -s B0]` (the conversion PEFT applies to
+    PiSSA/CorDA/LoRA-GA). `modules_to_save` (e.g. a classifier head) are saved as PEFT does.
+    The folder is written to a temporary sibling and renamed into place.
+
+    Returns:
+        the output folder.
+    """
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    if not is_peft_model(model):
+        raise TypeError(f"save_as_lora needs a PeftModel, got {type(model).__name__}")
+    states = _INITIAL_STATES.get(model, {})
+    if adapter_name not in states:
+        raise ValueError(
+            f"adapter {adapter_name!r} was not initialized by fisherlora.initialize_lora_fisher in this process; "
+            "a plain LoRA adapter needs no conversion: use model.save_pretrained"
+        )
+    initial = states[adapter_name].factors
+    peft_config = _as_any(model).peft_config[adapter_name]
+    state = get_peft_model_state_dict(model, adapter_name=adapter_name)
+    targets = {target.name: target for target in find_target_layers(model, adapter_name)}
+    for name, (initial_a, initial_b, scaling) in initial.items():
+        target = targets[name]
+        layer: Any = target.hook_module
+        trained_a = layer.lora_A[adapter_name].weight.detach().float().cpu()
+        trained_b = layer.lora_B[adapter_name].weight.detach().float().cpu()
+        key = f"{PEFT_PREFIX}{name}"
+        if f"{key}.lora_A.weight" not in state:
+            raise RuntimeError(f"PEFT's state dict has no entry {key}.lora_A.weight; cannot convert {name!r}")
+        dtype = state[f"{key}.lora_A.weight"].dtype
+        state[f"{key}.lora_A.weight"] = torch.cat([trained_a, initial_a], dim=0).to(dtype).contiguous()
+        converted_b = torch.cat([scaling * trained_b, -scaling * initial_b], dim=1)
+        state[f"{key}.lora_B.weight"] = converted_b.to(dtype).contiguous()
+    config = _converted_config(peft_config)
+    target_dir = Path(out_dir)
+    target_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target_dir.parent, prefix=f".{target_dir.name}."))
+    try:
+        save_file({k: v.contiguous() for k, v in state.items()}, str(staging / "adapter_model.safetensors"),
+                  metadata={"format": "pt"})
+        config.save_pretrained(str(staging))
+        (staging / "fisherlora.json").write_text(json.dumps({"converted_from_rank": peft_config.r,
+                                                             "layers": sorted(initial)}, indent=2))
+        _replace_directory(staging, target_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target_dir
+
+
+def _replace_directory(staging: Path, target: Path) -> None:
+    # Rename the finished folder into place; an existing one is moved aside first and removed
+    # only after the new one is in place, so an interruption never leaves neither.
+    if target.exists():
+        backup = target.with_name(f".{target.name}.old")
+        shutil.rmtree(backup, ignore_errors=True)
+        os.replace(target, backup)
+        os.replace(staging, target)
+        shutil.rmtree(backup, ignore_errors=True)
+    else:
+        os.replace(staging, target)

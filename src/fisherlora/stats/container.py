@@ -1,0 +1,182 @@
+"""`LayerStats` and `FisherStats`: the collected statistics, their fingerprint and safetensors form."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FORMAT_VERSION = 1
+LAYER_TYPES = ("linear", "conv1d", "conv2d")
+
+
+def weight_fingerprint(weight: torch.Tensor) -> list[float]:
+    """A cheap summary of a `(d_out, d_in)` weight that changes when the weight does.
+
+    Returns `[sum, Frobenius norm, position-weighted sum]` in float64. It is tolerant to dtype
+    rounding (bf16 vs fp32 of the same checkpoint) when compared with a relative tolerance, and
+    tells apart a different checkpoint or a weight already replaced by a residual.
+    """
+    matrix = weight.detach().double().reshape(weight.shape[0], -1)
+    rows = torch.arange(1, matrix.shape[0] + 1, dtype=torch.float64, device=matrix.device)
+    cols = torch.cos(torch.arange(matrix.shape[1], dtype=torch.float64, device=matrix.device))
+    weighted = float((rows[:, None] * matrix * cols[None, :]).sum())
+    return [float(matrix.sum()), float(matrix.norm()), weighted]
+
+
+def fingerprints_match(expected: list[float], actual: list[float], rtol: float = 2e-2) -> bool:
+    """Compare two fingerprints, relative to the weight's norm (the second entry)."""
+    scale = max(abs(expected[1]), 1e-12)
+    return all(abs(e - a) <= rtol * scale for e, a in zip(expected, actual, strict=True))
+
+
+@dataclass
+class LayerStats:
+    """Kronecker-factored Fisher statistics of one layer `y = W x`.
+
+    Attributes:
+        act_cov: `A = (1/T) sum_t x_t x_t^T`, `(d_in, d_in)` float32.
+        grad_cov: `G = (1/T) sum_t g_t g_t^T`, `(d_out, d_out)` float32.
+        grad_mean: `M = (1/E) sum_t g_t x_t^T`, `(d_out, d_in)` float32, or None if not collected.
+        num_tokens: `T`, unmasked tokens (positions x batch for Conv2d).
+        num_examples: `E`, examples seen.
+        layer_type: "linear", "conv1d" (HF transposed) or "conv2d" (unfolded patches).
+        weight_shape: `(d_out, d_in)` of the layer as a matrix.
+        fingerprint: `weight_fingerprint` of the weight the statistics were collected on.
+    """
+
+    act_cov: torch.Tensor
+    grad_cov: torch.Tensor
+    grad_mean: torch.Tensor | None
+    num_tokens: int
+    num_examples: int
+    layer_type: str
+    weight_shape: tuple[int, int]
+    fingerprint: list[float] = field(default_factory=list)
+
+    @property
+    def d_in(self) -> int:
+        return self.weight_shape[1]
+
+    @property
+    def d_out(self) -> int:
+        return self.weight_shape[0]
+
+
+@dataclass
+class FisherStats(Mapping[str, LayerStats]):
+    """Statistics of every targeted layer, keyed by the module name in the *base* model
+    (PEFT's `base_model.model.` prefix removed, so stats move between a plain and a PEFT model).
+
+    Attributes:
+        layers: name -> `LayerStats`.
+        fisher: "empirical" or "true".
+        num_batches: batches used.
+        n_samples: label draws per input (true Fisher).
+        model_dtype: dtype of the model's weights during collection (accumulation is float32).
+        world_size: processes whose statistics were summed (1 without torch.distributed).
+    """
+
+    layers: dict[str, LayerStats]
+    fisher: str
+    num_batches: int
+    n_samples: int = 1
+    model_dtype: str = "torch.float32"
+    world_size: int = 1
+
+    def __getitem__(self, name: str) -> LayerStats:
+        return self.layers[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.layers)
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def metadata(self) -> dict[str, Any]:
+        return {
+            "format_version": FORMAT_VERSION,
+            "fisher": self.fisher,
+            "num_batches": self.num_batches,
+            "n_samples": self.n_samples,
+            "model_dtype": self.model_dtype,
+            "world_size": self.world_size,
+            "layers": {
+                name: {
+                    "num_tokens": layer.num_tokens,
+                    "num_examples": layer.num_examples,
+                    "layer_type": layer.layer_type,
+                    "weight_shape": list(layer.weight_shape),
+                    "fingerprint": layer.fingerprint,
+                    "has_grad_mean": layer.grad_mean is not None,
+                }
+                for name, layer in self.layers.items()
+            },
+        }
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write a safetensors file (tensors + JSON metadata); atomic: temp file, then rename."""
+        from safetensors.torch import save_file
+
+        tensors: dict[str, torch.Tensor] = {}
+        for name, layer in self.layers.items():
+            tensors[f"{name}::act_cov"] = layer.act_cov.detach().float().contiguous().cpu()
+            tensors[f"{name}::grad_cov"] = layer.grad_cov.detach().float().contiguous().cpu()
+            if layer.grad_mean is not None:
+                tensors[f"{name}::grad_mean"] = layer.grad_mean.detach().float().contiguous().cpu()
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+        os.close(handle)
+        try:
+            save_file(tensors, temporary, metadata={"fisherlora": json.dumps(self.metadata())})
+            os.replace(temporary, target)
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> FisherStats:
+        """Read a file written by `save`; raises `ValueError` naming the file if it is not one."""
+        from safetensors import safe_open
+
+        source = Path(path)
+        if not source.is_file():
+            raise FileNotFoundError(f"statistics file {source} does not exist")
+        try:
+            with safe_open(str(source), framework="pt") as handle:
+                raw = (handle.metadata() or {}).get("fisherlora")
+                tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+        except Exception as error:  # safetensors raises its own error types
+            raise ValueError(f"{source} is not a readable safetensors file: {error}") from error
+        if raw is None:
+            raise ValueError(f"{source} has no fisherlora metadata: it was not written by FisherStats.save")
+        meta = json.loads(raw)
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{source} has format version {meta.get('format_version')}, expected {FORMAT_VERSION}")
+        layers = {}
+        for name, info in meta["layers"].items():
+            layers[name] = LayerStats(
+                act_cov=tensors[f"{name}::act_cov"],
+                grad_cov=tensors[f"{name}::grad_cov"],
+                grad_mean=tensors.get(f"{name}::grad_mean"),
+                num_tokens=int(info["num_tokens"]),
+                num_examples=int(info["num_examples"]),
+                layer_type=info["layer_type"],
+                weight_shape=(int(info["weight_shape"][0]), int(info["weight_shape"][1])),
+                fingerprint=[float(v) for v in info["fingerprint"]],
+            )
+        return cls(
+            layers=layers,
+            fisher=meta["fisher"],
+            num_batches=int(meta["num_batches"]),
+            n_samples=int(meta.get("n_samples", 1)),
+            model_dtype=meta.get("model_dtype", "torch.float32"),
+            world_size=int(meta.get("world_size", 1)),
+        )

@@ -1,0 +1,99 @@
+"""How each supported layer type maps its input and output onto per-token rows of `x_t` and `g_t`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as functional
+from torch import nn
+
+
+def module_weight(module: nn.Module) -> torch.Tensor:
+    """The module's `weight` parameter; `TypeError` if it has none."""
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"module of type {type(module).__name__} has no weight tensor")
+    return weight
+
+
+def _is_hf_conv1d(module: nn.Module) -> bool:
+    # transformers' GPT-2 Conv1D: a Linear whose weight is stored (d_in, d_out).
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and module_weight(module).dim() == 2
+
+
+def layer_type_of(name: str, module: nn.Module) -> str:
+    """Return "linear", "conv1d" or "conv2d"; raise `TypeError` naming the module otherwise."""
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if _is_hf_conv1d(module):
+        return "conv1d"
+    if isinstance(module, nn.Conv2d):
+        if module.groups != 1:
+            raise TypeError(
+                f"module {name!r} is an nn.Conv2d with groups={module.groups}; only groups == 1 is supported "
+                "(depthwise/grouped convolutions are not LoRA targets)"
+            )
+        if module.padding_mode != "zeros":
+            raise TypeError(f"module {name!r} is an nn.Conv2d with padding_mode={module.padding_mode!r}; only 'zeros'")
+        return "conv2d"
+    raise TypeError(
+        f"module {name!r} has type {type(module).__name__}; fisherlora supports nn.Linear, transformers Conv1D "
+        "and nn.Conv2d (groups == 1)"
+    )
+
+
+def weight_matrix(module: nn.Module, layer_type: str) -> torch.Tensor:
+    """The layer's weight as the `(d_out, d_in)` matrix of `y = W x` (a view where possible)."""
+    weight = module_weight(module)
+    if layer_type == "conv1d":
+        return weight.T
+    if layer_type == "conv2d":
+        return weight.reshape(weight.shape[0], -1)
+    return weight
+
+
+@dataclass
+class TokenRows:
+    """Rows of one recorded call.
+
+    Attributes:
+        inputs: `(N, d_in)` float32 input rows (patches for Conv2d).
+        leading_shape: the batch/sequence shape the `N` rows were flattened from, e.g. `(B, S)`,
+            `(B,)`, or `(B, L)` for the `L` output positions of a convolution.
+    """
+
+    inputs: torch.Tensor
+    leading_shape: tuple[int, ...]
+
+
+def input_rows(module: nn.Module, layer_type: str, layer_input: torch.Tensor) -> TokenRows:
+    """Flatten a layer's input into per-token rows `x_t` (float32).
+
+    Linear/Conv1D: `(..., d_in)` -> `(N, d_in)`; Conv2d: `(B, C, H, W)` -> unfolded patches
+    `(B * L, C * kh * kw)`, matching `weight.reshape(C_out, -1)` column order.
+    """
+    if layer_type == "conv2d":
+        assert isinstance(module, nn.Conv2d)
+        patches = functional.unfold(
+            layer_input.float(),
+            kernel_size=module.kernel_size,
+            dilation=module.dilation,
+            padding=module.padding,  # type: ignore[arg-type]
+            stride=module.stride,
+        )  # (B, C*kh*kw, L)
+        batch, features, positions = patches.shape
+        return TokenRows(patches.transpose(1, 2).reshape(-1, features), (batch, positions))
+    leading = tuple(layer_input.shape[:-1])
+    return TokenRows(layer_input.detach().float().reshape(-1, layer_input.shape[-1]), leading)
+
+
+def output_gradient_rows(layer_type: str, output_gradient: torch.Tensor) -> torch.Tensor:
+    """Flatten `dL/dy` into per-token rows `g_t` (float32), aligned with `input_rows`.
+
+    Linear/Conv1D: `(..., d_out)` -> `(N, d_out)`; Conv2d: `(B, C_out, Ho, Wo)` -> `(B * L, C_out)`.
+    """
+    if layer_type == "conv2d":
+        batch, channels = output_gradient.shape[:2]
+        return output_gradient.float().reshape(batch, channels, -1).transpose(1, 2).reshape(-1, channels)
+    return output_gradient.float().reshape(-1, output_gradient.shape[-1])

@@ -1,0 +1,140 @@
+"""Pure tensor math on Kronecker factors: damping, matrix roots, Fisher norms.
+
+Nothing here knows about modules, hooks or PEFT; every function takes and returns tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class FactorRoots:
+    """Symmetric square root of a damped factor and its inverse.
+
+    Attributes:
+        root: `F^{1/2}`, shape `(d, d)`.
+        inverse_root: `F^{-1/2}`, shape `(d, d)`.
+        damping_added: the absolute amount `lambda * mean(diag F)` added to the diagonal.
+    """
+
+    root: torch.Tensor
+    inverse_root: torch.Tensor
+    damping_added: float
+
+
+def damp(factor: torch.Tensor, damping: float) -> tuple[torch.Tensor, float]:
+    """Add `damping * mean(diag factor)` to the diagonal.
+
+    Args:
+        factor: symmetric positive semi-definite matrix `(d, d)`.
+        damping: relative damping `lambda >= 0`.
+
+    Returns:
+        The damped matrix `(d, d)` (float32 or float64, as given) and the absolute amount added.
+        A factor whose diagonal is all zero is damped with `damping` itself, so the result is
+        always invertible when `damping > 0`.
+    """
+    if damping < 0:
+        raise ValueError(f"damping must be >= 0, got {damping}")
+    mean_diagonal = float(factor.diagonal().mean())
+    amount = damping * (mean_diagonal if mean_diagonal > 0 else 1.0)
+    eye = torch.eye(factor.shape[0], dtype=factor.dtype, device=factor.device)
+    return factor + amount * eye, amount
+
+
+def symmetric_roots(factor: torch.Tensor, damping: float) -> FactorRoots:
+    """Damp a PSD factor, then take its symmetric square root and inverse square root.
+
+    Args:
+        factor: symmetric PSD matrix `(d, d)`.
+        damping: relative damping, see `damp`.
+
+    Returns:
+        `FactorRoots` with both roots `(d, d)` in float64 (roots of ill-conditioned factors lose
+        too much in float32).
+    """
+    damped, amount = damp(factor.double(), damping)
+    damped = 0.5 * (damped + damped.T)
+    eigenvalues, eigenvectors = torch.linalg.eigh(damped)
+    # eigh can return tiny negative values for a PSD matrix; a floor relative to the largest
+    # keeps the inverse root finite without changing a well-conditioned factor.
+    floor = max(float(eigenvalues.max()), 1e-300) * 1e-12
+    eigenvalues = eigenvalues.clamp_min(floor)
+    root = (eigenvectors * eigenvalues.sqrt()) @ eigenvectors.T
+    inverse_root = (eigenvectors * eigenvalues.rsqrt()) @ eigenvectors.T
+    return FactorRoots(root=root, inverse_root=inverse_root, damping_added=amount)
+
+
+def top_eigenvectors(factor: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Leading eigenpairs of a symmetric matrix.
+
+    Args:
+        factor: symmetric matrix `(d, d)`.
+        count: number of eigenpairs `k <= d`.
+
+    Returns:
+        eigenvalues `(k,)` in descending order and eigenvectors `(d, k)` as columns.
+    """
+    eigenvalues, eigenvectors = torch.linalg.eigh(0.5 * (factor + factor.T).double())
+    order = torch.argsort(eigenvalues, descending=True)[:count]
+    return eigenvalues[order], eigenvectors[:, order]
+
+
+def fisher_norm_squared(delta: torch.Tensor, grad_root: torch.Tensor, act_root: torch.Tensor) -> float:
+    """`||G^{1/2} dW A^{1/2}||_F^2`: twice the KL change caused by perturbing `W` by `dW` (K-FAC).
+
+    Args:
+        delta: weight perturbation `(d_out, d_in)`.
+        grad_root: `G^{1/2}`, `(d_out, d_out)`.
+        act_root: `A^{1/2}`, `(d_in, d_in)`.
+    """
+    whitened = grad_root @ delta.to(grad_root.dtype) @ act_root
+    return float((whitened * whitened).sum())
+
+
+def balanced_directions(
+    left: torch.Tensor, core_diagonal: torch.Tensor, right: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rewrite `left @ diag(core) @ right.T` as `B0 @ diag(sig) @ A0` with orthonormal factors.
+
+    QR on both sides, then the SVD of the small `r x r` core `R_left diag(core) R_right^T = P Sig Q^T`.
+
+    Args:
+        left: `(d_out, r)`. core_diagonal: `(r,)`. right: `(d_in, r)`.
+
+    Returns:
+        `B0 = Q_left P` `(d_out, r)` with orthonormal columns, `sig` `(r,)` descending, and
+        `A0 = Q^T Q_right^T` `(r, d_in)` with orthonormal rows.
+    """
+    left_q, left_r = torch.linalg.qr(left)
+    right_q, right_r = torch.linalg.qr(right)
+    core = left_r @ torch.diag(core_diagonal.to(left_r.dtype)) @ right_r.T
+    core_u, core_s, core_vh = torch.linalg.svd(core)
+    return left_q @ core_u, core_s, core_vh @ right_q.T
+
+
+def balanced_factors(
+    left: torch.Tensor, core_diagonal: torch.Tensor, right: torch.Tensor, scaling: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split the product `left @ diag(core) @ right.T` into two LoRA factors of equal norm.
+
+    Whitened factors like `G^{-1/2} U_r` can be huge and ill-conditioned; this re-balances them
+    without changing the product: orthonormalize both sides with QR, take the SVD of the small
+    `r x r` core `R_left diag(core) R_right^T = P Sig Q^T`, and set
+    `B = Q_left P sqrt(Sig / s)`, `A = sqrt(Sig / s) Q^T Q_right^T`, so `s B A` equals the product.
+
+    Args:
+        left: `(d_out, r)`.
+        core_diagonal: `(r,)`, non-negative.
+        right: `(d_in, r)`.
+        scaling: LoRA scaling `s > 0`.
+
+    Returns:
+        `A` of shape `(r, d_in)` and `B` of shape `(d_out, r)`, with `||A||_F == ||B||_F`.
+    """
+    directions_b, singular_values, directions_a = balanced_directions(left, core_diagonal, right)
+    half = torch.sqrt(singular_values.clamp_min(0) / scaling)
+    return half[:, None] * directions_a, directions_b * half
