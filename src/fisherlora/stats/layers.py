@@ -75,8 +75,11 @@ def input_rows(module: nn.Module, layer_type: str, layer_input: torch.Tensor) ->
     """
     if layer_type == "conv2d":
         assert isinstance(module, nn.Conv2d)
+        # detach: a conv input that is itself in the graph (any conv after the first) would
+        # otherwise chain the float32 accumulators into autograd across batches (stats returned
+        # with requires_grad=True and a graph growing with every batch).
         patches = functional.unfold(
-            layer_input.float(),
+            layer_input.detach().float(),
             kernel_size=module.kernel_size,
             dilation=module.dilation,
             padding=module.padding,  # type: ignore[arg-type]
