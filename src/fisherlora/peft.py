@@ -230,14 +230,46 @@ def _converted_config(peft_config: Any) -> Any:
     return config
 
 
-def save_as_lora(model: nn.Module, out_dir: str | os.PathLike[str], adapter_name: str = "default") -> Path:
+def read_initial_factors(model: nn.Module, initial_adapter: str | os.PathLike[str],
+                         adapter_name: str = "default") -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+    """Initial `A0, B0` of every LoRA layer from an adapter folder saved right after initialization.
+
+    Args:
+        model: the PEFT model being converted (gives the layer names and scalings).
+        initial_adapter: folder with `adapter_model.safetensors` written by `model.save_pretrained`
+            (or `fisherlora init`) before training.
+
+    Returns:
+        base-model layer name -> `(A0 (r, ...), B0 (d_out, r, ...), s)`.
+    """
+    from safetensors.torch import load_file
+
+    path = Path(initial_adapter) / "adapter_model.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"initial adapter {path} does not exist")
+    tensors = load_file(str(path))
+    factors = {}
+    for target in find_target_layers(model, adapter_name):
+        layer: Any = target.hook_module
+        key = f"{PEFT_PREFIX}{target.name}"
+        if f"{key}.lora_A.weight" not in tensors:
+            raise ValueError(f"initial adapter {path} has no factors for module {target.name!r}")
+        factors[target.name] = (tensors[f"{key}.lora_A.weight"].float(), tensors[f"{key}.lora_B.weight"].float(),
+                                float(layer.scaling[adapter_name]))
+    return factors
+
+
+def save_as_lora(model: nn.Module, out_dir: str | os.PathLike[str], adapter_name: str = "default",
+                 initial_adapter: str | os.PathLike[str] | None = None) -> Path:
     """Write an adapter that loads onto the ORIGINAL base with `PeftModel.from_pretrained`.
 
     The model's base weights hold `W - s B0 A0`; its adapter holds trained `A1, B1`. Since
     `W - s B0 A0 + s B1 A1 = W + [s B1, -s B0] [A1; A0]`, the saved adapter has rank `2r`,
     scaling 1, `A = [A1; A0]`, `B = [s B1, -s B0]` (the conversion PEFT applies to
     PiSSA/CorDA/LoRA-GA). `modules_to_save` (e.g. a classifier head) are saved as PEFT does.
-    The folder is written to a temporary sibling and renamed into place.
+    The folder is written to a temporary sibling and renamed into place. The initial factors are
+    remembered by `initialize_lora_fisher` in this process; in another process pass
+    `initial_adapter`, the adapter folder saved right after initialization.
 
     Returns:
         the output folder.
@@ -248,12 +280,16 @@ def save_as_lora(model: nn.Module, out_dir: str | os.PathLike[str], adapter_name
     if not is_peft_model(model):
         raise TypeError(f"save_as_lora needs a PeftModel, got {type(model).__name__}")
     states = _INITIAL_STATES.get(model, {})
-    if adapter_name not in states:
+    if initial_adapter is not None:
+        initial = read_initial_factors(model, initial_adapter, adapter_name)
+    elif adapter_name in states:
+        initial = states[adapter_name].factors
+    else:
         raise ValueError(
             f"adapter {adapter_name!r} was not initialized by fisherlora.initialize_lora_fisher in this process; "
-            "a plain LoRA adapter needs no conversion: use model.save_pretrained"
+            "pass initial_adapter= (the adapter saved right after initialization), or, for a plain LoRA "
+            "adapter that needs no conversion, use model.save_pretrained"
         )
-    initial = states[adapter_name].factors
     peft_config = _as_any(model).peft_config[adapter_name]
     state = get_peft_model_state_dict(model, adapter_name=adapter_name)
     targets = {target.name: target for target in find_target_layers(model, adapter_name)}
