@@ -1,0 +1,195 @@
+"""Build a LoRA model initialized by any method: PEFT's own baselines through PEFT's own code,
+`milora` and the Fisher variants through fisherlora. One function per method, in one registry.
+
+A method name may carry a Fisher type: `fisher_svd@true` is `fisher_svd` with the true Fisher.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..api import initialize_lora_fisher
+from ..config import FisherConfig
+from ..init.registry import INITIALIZERS
+from ..methods import PEFT_BASELINES
+
+
+@dataclass
+class AdapterSpec:
+    """What every method shares at a given seed.
+
+    Attributes:
+        rank, alpha: LoRA rank and alpha.
+        target_modules: module names or a regex (PEFT's rules).
+        modules_to_save: trained in full (e.g. a new classification head).
+        use_rslora: `alpha / sqrt(r)` scaling.
+        causal_lm: the task is next-token prediction (EVA masks labels == -100).
+    """
+
+    rank: int = 8
+    alpha: int = 16
+    target_modules: list[str] | str = field(default_factory=lambda: ["query", "value"])
+    modules_to_save: list[str] | None = None
+    use_rslora: bool = False
+    causal_lm: bool = False
+
+    def lora_config(self, **overrides: Any) -> Any:
+        from peft import LoraConfig
+
+        return LoraConfig(r=self.rank, lora_alpha=self.alpha, target_modules=self.target_modules,
+                          modules_to_save=self.modules_to_save, use_rslora=self.use_rslora, lora_dropout=0.0,
+                          **overrides)
+
+
+Builder = Callable[[nn.Module, AdapterSpec, Sequence[Any], FisherConfig], nn.Module]
+BUILDERS: dict[str, Builder] = {}
+
+
+def register_builder(name: str) -> Callable[[Builder], Builder]:
+    def decorate(function: Builder) -> Builder:
+        BUILDERS[name] = function
+        return function
+
+    return decorate
+
+
+def split_method(method: str) -> tuple[str, str]:
+    """`"fisher_svd@true"` -> `("fisher_svd", "true")`; no suffix means the empirical Fisher."""
+    name, _, fisher = method.partition("@")
+    return name, fisher or "empirical"
+
+
+def known_methods() -> list[str]:
+    """Every name `build_model` accepts (without @true/@empirical suffixes)."""
+    return [*PEFT_BASELINES, *INITIALIZERS]
+
+
+def build_model(method: str, base: nn.Module, spec: AdapterSpec, calibration: Sequence[Any],
+                fisher_config: FisherConfig | None = None) -> nn.Module:
+    """Wrap `base` in a PEFT LoRA model initialized by `method`.
+
+    Args:
+        method: a baseline (`lora`, `pissa`, ...) or one of ours, optionally `name@true`.
+        base: a fresh base model (it is modified in place by residual-based methods).
+        spec: rank, alpha, targets shared by every method.
+        calibration: batches (`model(**batch)` with labels) seen by every data-aware method.
+        fisher_config: settings for our methods (method and Fisher type are filled in here).
+
+    Returns:
+        the PEFT model, ready to train.
+    """
+    name, fisher = split_method(method)
+    if fisher not in ("empirical", "true"):
+        raise ValueError(f"method {method!r}: the suffix after '@' must be 'empirical' or 'true'")
+    if name in BUILDERS:
+        if "@" in method:
+            raise ValueError(f"method {method!r}: PEFT baselines take no Fisher type")
+        return BUILDERS[name](base, spec, calibration, fisher_config or FisherConfig())
+    if name in INITIALIZERS:
+        config = replace(fisher_config or FisherConfig(), method=name, fisher=fisher)
+        return _build_ours(base, spec, calibration, config)
+    raise ValueError(f"unknown method {method!r}; choose from {known_methods()}")
+
+
+def _build_ours(base: nn.Module, spec: AdapterSpec, calibration: Sequence[Any], config: FisherConfig) -> nn.Module:
+    from peft import get_peft_model
+
+    model = get_peft_model(base, spec.lora_config())
+    needs_data = INITIALIZERS[config.method].needs_statistics
+    initialize_lora_fisher(model, list(calibration) if needs_data else None, config)
+    return model
+
+
+def _plain(init: Any) -> Builder:
+    def build(base: nn.Module, spec: AdapterSpec, calibration: Sequence[Any], config: FisherConfig) -> nn.Module:
+        from peft import get_peft_model
+
+        return get_peft_model(base, spec.lora_config(init_lora_weights=init))
+
+    return build
+
+
+register_builder("lora")(_plain(True))
+register_builder("gaussian")(_plain("gaussian"))
+register_builder("pissa")(_plain("pissa"))
+register_builder("olora")(_plain("olora"))
+
+
+@register_builder("eva")
+def build_eva(base: nn.Module, spec: AdapterSpec, calibration: Sequence[Any], config: FisherConfig) -> nn.Module:
+    from peft import EvaConfig, get_peft_model, initialize_lora_eva_weights
+
+    # rho = 1: no rank redistribution, so EVA gets the same rank per layer as every other method.
+    eva_config = EvaConfig(rho=1.0, use_label_mask=spec.causal_lm)
+    model = get_peft_model(base, spec.lora_config(init_lora_weights="eva", eva_config=eva_config),
+                           low_cpu_mem_usage=True)
+    initialize_lora_eva_weights(model, dataloader=list(calibration), show_progress_bar=config.progress)
+    return model
+
+
+@register_builder("corda")
+def build_corda(base: nn.Module, spec: AdapterSpec, calibration: Sequence[Any], config: FisherConfig) -> nn.Module:
+    from peft import get_peft_model
+    from peft.tuners.lora.config import CordaConfig
+    from peft.tuners.lora.corda import preprocess_corda
+
+    lora_config = spec.lora_config(init_lora_weights="corda", corda_config=CordaConfig(corda_method="ipm"))
+    batches = list(calibration)
+
+    @torch.no_grad()
+    def run_model() -> None:
+        # PEFT's CorDA hook squeezes dimension 0: it expects one example per forward pass.
+        for batch in batches:
+            for example in _single_examples(_without_labels(batch)):
+                base(**example)
+
+    preprocess_corda(base, lora_config, run_model=run_model)
+    return get_peft_model(base, lora_config)
+
+
+@register_builder("lora_ga")
+def build_lora_ga(base: nn.Module, spec: AdapterSpec, calibration: Sequence[Any], config: FisherConfig) -> nn.Module:
+    from peft import get_peft_model
+    from peft.tuners.lora.config import LoraGAConfig
+    from peft.tuners.lora.loraga import preprocess_loraga
+
+    lora_config = spec.lora_config(init_lora_weights="lora_ga", lora_ga_config=LoraGAConfig())
+    batches = list(calibration)
+
+    def train_step() -> None:
+        for batch in batches:
+            base(**batch).loss.backward()
+
+    was_training = base.training
+    base.eval()  # same as our statistics: no dropout noise in the calibration gradients
+    preprocess_loraga(base, lora_config, train_step)
+    base.train(was_training)
+    return get_peft_model(base, lora_config)
+
+
+def _single_examples(batch: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    """Split a batch into one-example batches, right padding removed (by `attention_mask`)."""
+    size = next(iter(batch.values())).shape[0]
+    mask = batch.get("attention_mask")
+    examples = []
+    for index in range(size):
+        length = int(mask[index].sum()) if mask is not None else None
+        example = {}
+        for key, value in batch.items():
+            row = value[index:index + 1]
+            if length is not None and row.dim() >= 2 and row.shape[1] == mask.shape[1]:  # type: ignore[union-attr]
+                row = row[:, :length]
+            example[key] = row
+        examples.append(example)
+    return examples
+
+
+def _without_labels(batch: Any) -> Any:
+    if isinstance(batch, dict):
+        return {key: value for key, value in batch.items() if key != "labels"}
+    return batch

@@ -1,0 +1,38 @@
+"""Every method builds a LoRA model whose outputs equal the base model's at step 0."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from models import text_batches, tiny_bert
+
+from fisherlora.bench.baselines import AdapterSpec, build_model, known_methods, split_method
+from fisherlora.config import FisherConfig
+
+SPEC = AdapterSpec(rank=2, alpha=4, target_modules=["query", "value"], modules_to_save=["classifier"])
+
+
+@pytest.mark.parametrize("method", [*known_methods(), "fisher_svd@true"])
+def test_every_method_keeps_the_base_function(method: str):
+    base = tiny_bert()
+    batches = text_batches()
+    inputs = {k: v for k, v in batches[0].items() if k != "labels"}
+    with torch.no_grad():
+        reference = base(**inputs).logits
+    model = build_model(method, copy.deepcopy(base), SPEC, batches, FisherConfig(progress=False))
+    model.eval()
+    with torch.no_grad():
+        after = model(**inputs).logits
+    assert (after - reference).abs().max() <= 1e-4
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert any("lora_A" in name for name in trainable) and any("classifier" in name for name in trainable)
+
+
+def test_method_names_are_checked():
+    assert split_method("fisher_grad@true") == ("fisher_grad", "true")
+    with pytest.raises(ValueError, match="unknown method 'nope'"):
+        build_model("nope", tiny_bert(), SPEC, [])
+    with pytest.raises(ValueError, match="PEFT baselines take no Fisher type"):
+        build_model("pissa@true", tiny_bert(), SPEC, [])

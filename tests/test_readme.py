@@ -1,0 +1,35 @@
+"""The README's Python example runs as written, and its methods table matches the registry."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+import fisherlora as fl
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def python_blocks() -> list[str]:
+    return re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+
+
+@pytest.mark.integration
+def test_readme_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    from peft import PeftModel
+
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(python_blocks()[0], str(README), "exec"), namespace)  # noqa: S102
+    assert (tmp_path / "stats.safetensors").is_file()
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    assert isinstance(namespace["report"][0], fl.LayerReport)
+    assert isinstance(namespace["model"], PeftModel)
+
+
+def test_readme_methods_table_is_the_registry():
+    section = README.read_text().split("<!-- methods:start -->")[1].split("<!-- methods:end -->")[0]
+    rows = re.findall(r"^\| `([a-z_]+)` \| (PEFT|ours) \| (.*) \|$", section, flags=re.M)
+    assert [(name, description) for name, _, description in rows] == list(fl.list_methods().items())
