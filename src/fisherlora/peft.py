@@ -65,7 +65,11 @@ def find_target_layers(
         if target_modules is not None:
             raise ValueError("target_modules is only for plain models; a PEFT model's LoraConfig already names them")
         for name, module in model.named_modules():
-            if isinstance(module, lora_layer) and adapter_name in module.lora_A:
+            # LoRA on embeddings keeps its factors in lora_embedding_A: include it, so that the
+            # unsupported type is refused by name instead of silently skipped.
+            if not isinstance(module, lora_layer):
+                continue
+            if adapter_name in module.lora_A or adapter_name in getattr(module, "lora_embedding_A", {}):
                 base = module.get_base_layer()
                 if getattr(module, "use_dora", {}).get(adapter_name, False):
                     raise TypeError(f"module {name!r} uses DoRA; fisherlora initializes plain LoRA adapters only")

@@ -188,7 +188,8 @@ def _add_backward(record: _Record, gradient: torch.Tensor | None, examples: int,
 
 def _backward(records: list[_Record], loss: torch.Tensor, examples: int, batch_index: int, retain: bool) -> None:
     if not torch.isfinite(loss):
-        raise StatisticsError(f"non-finite loss ({float(loss)}) at batch {batch_index}")
+        # detach: float() of a grad-requiring tensor emits a UserWarning alongside the error
+        raise StatisticsError(f"non-finite loss ({float(loss.detach())}) at batch {batch_index}")
     outputs = [record.output for record in records]
     for record, output in zip(records, outputs, strict=True):
         if not output.requires_grad:

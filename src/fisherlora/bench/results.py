@@ -1,0 +1,63 @@
+"""The results file: one JSON line per run, appended atomically, read back for resume."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+def _clean(value: Any) -> Any:
+    # JSON has no NaN/inf: failed metrics are written as null.
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(key): _clean(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(item) for item in value]
+    return value
+
+
+class ResultsFile:
+    """`OUT/runs.jsonl`. Each append rewrites the file through a temporary file and a rename, so
+    an interruption leaves either the old or the new file, never half a line."""
+
+    def __init__(self, directory: str | os.PathLike[str]) -> None:
+        self.directory = Path(directory)
+        self.path = self.directory / "runs.jsonl"
+
+    def records(self) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        records = []
+        for number, line in enumerate(self.path.read_text().splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{self.path}, line {number}: not valid JSON ({error})") from error
+        return records
+
+    def done_ids(self) -> set[str]:
+        return {record["run_id"] for record in self.records() if "run_id" in record}
+
+    def append(self, record: dict[str, Any]) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        existing = self.path.read_text() if self.path.exists() else ""
+        if existing and not existing.endswith("\n"):
+            existing += "\n"
+        line = json.dumps(_clean(record), sort_keys=True)
+        handle, temporary = tempfile.mkstemp(dir=self.directory, prefix=".runs.", suffix=".tmp")
+        try:
+            with os.fdopen(handle, "w") as stream:
+                stream.write(existing + line + "\n")
+                stream.flush()
+                os.fsync(stream.fileno())
+            os.replace(temporary, self.path)
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise

@@ -1,0 +1,249 @@
+"""Run the benchmark: for each (task, seed, method, learning rate) build the adapted model,
+train it, evaluate it on validation and test, and append one JSON line. Runs already in the
+results file are skipped, so an interrupted benchmark resumes where it stopped."""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import math
+import random
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import FisherConfig
+from .baselines import AdapterSpec, build_model, split_method
+from .cost import measure
+from .provenance import git_state, machine, versions
+from .results import ResultsFile
+
+
+@dataclass
+class TrainingConfig:
+    """Shared by every method of a task.
+
+    Attributes:
+        rank, alpha: LoRA rank and alpha.
+        batch_size: training batch size.
+        epochs: passes over the training subset.
+        max_steps: cap on optimizer steps (None: no cap).
+        calibration_batches: batches every data-aware method sees (the same ones).
+        calibration_batch_size: size of those batches.
+        warmup_fraction: linear warmup, then linear decay to zero.
+        weight_decay, max_grad_norm: AdamW weight decay and gradient clipping.
+        curve_points: number of points kept of the smoothed training-loss curve.
+    """
+
+    rank: int = 8
+    alpha: int = 16
+    batch_size: int = 16
+    epochs: int = 1
+    max_steps: int | None = None
+    calibration_batches: int = 16
+    calibration_batch_size: int = 16
+    warmup_fraction: float = 0.1
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    curve_points: int = 50
+
+
+@dataclass
+class RunSpec:
+    """One run. `task_options` are the task's own settings (subset sizes, lengths)."""
+
+    task: str
+    method: str
+    seed: int
+    lr: float
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    fisher: FisherConfig = field(default_factory=lambda: FisherConfig(progress=False))
+    task_options: dict[str, Any] = field(default_factory=dict)
+    preset: str = "custom"
+
+    def config_dict(self) -> dict[str, Any]:
+        return {"training": asdict(self.training), "fisher": self.fisher.to_dict(), "task_options": self.task_options}
+
+    def run_id(self) -> str:
+        """Identifies the run: same id means same task, method, seed, LR and settings."""
+        digest = hashlib.sha1(json.dumps(self.config_dict(), sort_keys=True, default=str).encode()).hexdigest()[:10]
+        return f"{self.task}|{self.method}|seed={self.seed}|lr={self.lr:g}|{digest}"
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def smoothed_curve(losses: Sequence[float], points: int) -> tuple[list[int], list[float]]:
+    """Mean loss over consecutive windows: `points` values at the window ends (1-based steps)."""
+    if not losses:
+        return [], []
+    window = max(1, math.ceil(len(losses) / points))
+    steps, values = [], []
+    for start in range(0, len(losses), window):
+        chunk = losses[start:start + window]
+        steps.append(start + len(chunk))
+        values.append(float(sum(chunk) / len(chunk)))
+    return steps, values
+
+
+def linear_schedule(optimizer: torch.optim.Optimizer, total_steps: int,
+                    warmup_fraction: float) -> torch.optim.lr_scheduler.LambdaLR:
+    warmup = max(1, int(total_steps * warmup_fraction))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def train(model: nn.Module, batches: Sequence[Any], lr: float, config: TrainingConfig,
+          progress: Callable[[int, float], None] | None = None) -> list[float]:
+    """AdamW over the trainable parameters, one step per batch; returns the per-step losses.
+
+    Raises:
+        FloatingPointError: the loss became non-finite (the run is recorded as failed).
+    """
+    parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=config.weight_decay)
+    scheduler = linear_schedule(optimizer, len(batches), config.warmup_fraction)
+    model.train()
+    losses = []
+    for step, batch in enumerate(batches):
+        loss = model(**batch).loss
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"training loss became {float(loss)} at step {step}")
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+        if progress is not None:
+            progress(step, losses[-1])
+    model.eval()
+    return losses
+
+
+def training_batches(task: Any, spec: RunSpec) -> list[Any]:
+    """The training batches in the seed's order: identical for every method at this seed."""
+    batches = []
+    for epoch in range(spec.training.epochs):
+        batches.extend(task.train_loader(spec.training.batch_size, spec.seed * 1000 + epoch))
+    if spec.training.max_steps is not None:
+        batches = batches[: spec.training.max_steps]
+    return batches
+
+
+def execute(spec: RunSpec, task: Any, show_progress: bool = True) -> dict[str, Any]:
+    """Build, train and evaluate one run; return its JSON record (failures are recorded too)."""
+    from tqdm.auto import tqdm
+
+    record: dict[str, Any] = {
+        "run_id": spec.run_id(),
+        "preset": spec.preset,
+        "task": spec.task,
+        "method": spec.method,
+        "seed": spec.seed,
+        "lr": spec.lr,
+        "metric_name": task.metric_name,
+        "val_metric": float("nan"),
+        "test_metric": float("nan"),
+        "config": spec.config_dict(),
+        **git_state(),
+        "versions": versions(),
+        "machine": machine(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    try:
+        seed_everything(spec.seed)
+        base = task.model_factory(spec.seed)
+        adapter = AdapterSpec(rank=spec.training.rank, alpha=spec.training.alpha,
+                              target_modules=task.target_modules, modules_to_save=task.modules_to_save,
+                              causal_lm=task.metric_name == "exact_match")
+        calibration = list(task.calibration_loader(spec.training.calibration_batches,
+                                                   spec.training.calibration_batch_size, spec.seed))
+        seed_everything(spec.seed)
+        with measure() as init_cost:
+            model = build_model(spec.method, base, adapter, calibration, spec.fisher)
+        record.update(init_seconds=init_cost.seconds, init_peak_rss_mb=init_cost.peak_rss_mb,
+                      init_extra_rss_mb=init_cost.extra_rss_mb, init_stats_mb=_statistics_mb(spec, model))
+        batches = training_batches(task, spec)
+        seed_everything(spec.seed)
+        bar = tqdm(total=len(batches), desc=f"{spec.task} {spec.method} lr={spec.lr:g} s{spec.seed}",
+                   unit="step", leave=False, disable=not show_progress)
+
+        def progress(step: int, loss: float) -> None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}")
+
+        start = time.perf_counter()
+        try:
+            losses = train(model, batches, spec.lr, spec.training, progress)
+        finally:
+            bar.close()
+        record["train_seconds"] = time.perf_counter() - start
+        steps, values = smoothed_curve(losses, spec.training.curve_points)
+        record["curve"] = {"step": steps, "train_loss": values}
+        record["final_train_loss"] = values[-1] if values else float("nan")
+        record["train_steps"] = len(losses)
+        record["val_metric"] = float(task.evaluate(model, task.val_loader()))
+        record["test_metric"] = float(task.evaluate(model, task.test_loader()))
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as error:  # a failed run is a result: recorded, reported, not hidden
+        record["error"] = f"{type(error).__name__}: {error}"
+        record["traceback"] = traceback.format_exc(limit=6)
+    finally:
+        gc.collect()
+    record["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    return record
+
+
+def _statistics_mb(spec: RunSpec, model: nn.Module) -> float:
+    # The Fisher statistics' size (A, G and, when collected, M) for our methods; 0 for others.
+    name, _ = split_method(spec.method)
+    from ..init.registry import INITIALIZERS
+    from ..peft import find_target_layers
+    from ..stats.layers import weight_matrix
+
+    if name not in INITIALIZERS or not INITIALIZERS[name].needs_statistics:
+        return 0.0
+    total = 0
+    for target in find_target_layers(model):
+        d_out, d_in = weight_matrix(target.weight_module, target.layer_type).shape
+        total += d_in * d_in + d_out * d_out + (d_out * d_in if INITIALIZERS[name].needs_grad_mean else 0)
+    return total * 4 / 2**20
+
+
+def run_all(specs: Sequence[RunSpec], results: ResultsFile, task_factory: Callable[[RunSpec], Any],
+            show_progress: bool = True) -> list[dict[str, Any]]:
+    """Execute every spec not yet in `results`, appending each record as soon as it is done.
+
+    Returns:
+        the records written by this call.
+    """
+    from tqdm.auto import tqdm
+
+    done = results.done_ids()
+    pending = [spec for spec in specs if spec.run_id() not in done]
+    written = []
+    with tqdm(total=len(specs), initial=len(specs) - len(pending), desc="runs", unit="run",
+              disable=not show_progress) as bar:
+        for spec in pending:
+            record = execute(spec, task_factory(spec), show_progress)
+            results.append(record)
+            written.append(record)
+            bar.update(1)
+            status = record.get("error") or f"val={record['val_metric']:.4f} test={record['test_metric']:.4f}"
+            bar.write(f"{spec.task:>7} {spec.method:<18} seed={spec.seed} lr={spec.lr:g}: {status}")
+    return written

@@ -1,0 +1,150 @@
+"""`FisherStats` safetensors round trip, atomic writes, clear errors on foreign files; fingerprints."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import fisherlora as fl
+from fisherlora.stats.container import FORMAT_VERSION, fingerprints_match, weight_fingerprint
+from models import TinyCNN, image_batches
+
+
+def synthetic_stats() -> fl.FisherStats:
+    generator = torch.Generator().manual_seed(0)
+
+    def spd(n: int) -> torch.Tensor:
+        x = torch.randn(n, n + 2, generator=generator)
+        return x @ x.T / (n + 2)
+
+    with_mean = fl.LayerStats(act_cov=spd(4), grad_cov=spd(3),
+                              grad_mean=torch.randn(4, 3, generator=generator).T,  # non-contiguous view
+                              num_tokens=17, num_examples=5, layer_type="linear", weight_shape=(3, 4),
+                              fingerprint=[0.25, 1.5, -0.125])
+    without_mean = fl.LayerStats(act_cov=spd(8), grad_cov=spd(2), grad_mean=None, num_tokens=90,
+                                 num_examples=10, layer_type="conv2d", weight_shape=(2, 8),
+                                 fingerprint=[1.0, 2.0, 3.0])
+    return fl.FisherStats(layers={"enc.layer.0.query": with_mean, "conv": without_mean}, fisher="true",
+                          num_batches=3, n_samples=4, model_dtype="torch.bfloat16", world_size=2)
+
+
+def assert_same(loaded: fl.FisherStats, original: fl.FisherStats) -> None:
+    assert set(loaded) == set(original)
+    for attribute in ("fisher", "num_batches", "n_samples", "model_dtype", "world_size"):
+        assert getattr(loaded, attribute) == getattr(original, attribute), attribute
+    for name, layer in original.items():
+        other = loaded[name]
+        assert torch.equal(other.act_cov, layer.act_cov)
+        assert torch.equal(other.grad_cov, layer.grad_cov)
+        if layer.grad_mean is None:
+            assert other.grad_mean is None
+        else:
+            assert other.grad_mean is not None and torch.equal(other.grad_mean, layer.grad_mean)
+        for attribute in ("num_tokens", "num_examples", "layer_type", "weight_shape", "fingerprint"):
+            assert getattr(other, attribute) == getattr(layer, attribute), (name, attribute)
+
+
+def test_round_trip_is_exact_and_leaves_no_temp_file(tmp_path: Path) -> None:
+    stats = synthetic_stats()
+    path = tmp_path / "nested" / "dir" / "stats.safetensors"  # parents are created
+    stats.save(path)
+    assert sorted(p.name for p in path.parent.iterdir()) == ["stats.safetensors"]
+    loaded = fl.FisherStats.load(path)
+    assert_same(loaded, stats)
+    assert loaded["enc.layer.0.query"].d_in == 4 and loaded["enc.layer.0.query"].d_out == 3
+    assert len(loaded) == 2
+    with pytest.raises(KeyError):
+        loaded["missing"]
+
+
+def test_round_trip_of_collected_statistics(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = TinyCNN()
+    stats = fl.collect_fisher(model, image_batches(count=1), fl.FisherConfig(progress=False, collect_grad_mean=True),
+                              target_modules=["conv1", "conv2", "head"])
+    stats.save(str(tmp_path / "cnn.safetensors"))  # str paths work too
+    loaded = fl.FisherStats.load(str(tmp_path / "cnn.safetensors"))
+    assert_same(loaded, stats)
+    assert loaded["conv2"].layer_type == "conv2d" and loaded["conv2"].weight_shape == (5, 16)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cnn.safetensors"]
+
+
+def test_save_overwrites_atomically(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "stats.safetensors"
+    first = synthetic_stats()
+    first.save(path)
+    before = path.read_bytes()
+
+    # a second save that dies half-way must leave the old file intact and no temp file behind
+    import safetensors.torch
+
+    real_save = safetensors.torch.save_file
+
+    def crashing_save(tensors: dict, filename: str, metadata: dict | None = None) -> None:
+        Path(filename).write_bytes(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", crashing_save)
+    second = synthetic_stats()
+    second.num_batches = 99
+    with pytest.raises(OSError, match="disk full"):
+        second.save(path)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["stats.safetensors"]
+
+    monkeypatch.setattr(safetensors.torch, "save_file", real_save)
+    second.save(path)
+    assert fl.FisherStats.load(path).num_batches == 99
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["stats.safetensors"]
+
+
+def test_load_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        fl.FisherStats.load(tmp_path / "nope.safetensors")
+
+
+def test_load_foreign_safetensors_file(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    path = tmp_path / "model.safetensors"
+    save_file({"weight": torch.zeros(2, 2)}, str(path), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="no fisherlora metadata: it was not written by FisherStats.save"):
+        fl.FisherStats.load(path)
+
+
+def test_load_garbage_file(tmp_path: Path) -> None:
+    path = tmp_path / "stats.safetensors"
+    path.write_bytes(b"this is not a safetensors file at all")
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        fl.FisherStats.load(path)
+
+
+def test_load_other_format_version(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    stats = synthetic_stats()
+    metadata = stats.metadata()
+    assert metadata["format_version"] == FORMAT_VERSION
+    metadata["format_version"] = FORMAT_VERSION + 1
+    path = tmp_path / "future.safetensors"
+    save_file({"conv::act_cov": torch.zeros(1)}, str(path), metadata={"fisherlora": json.dumps(metadata)})
+    with pytest.raises(ValueError, match=f"format version {FORMAT_VERSION + 1}, expected {FORMAT_VERSION}"):
+        fl.FisherStats.load(path)
+
+
+def test_weight_fingerprint() -> None:
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(6, 5, generator=generator)
+    reference = weight_fingerprint(weight)
+    assert len(reference) == 3
+    assert fingerprints_match(reference, weight_fingerprint(weight.clone()))
+    # dtype rounding of the same checkpoint still matches
+    assert fingerprints_match(reference, weight_fingerprint(weight.bfloat16()))
+    # a different weight, a residual W - s B A, or a permutation of the rows does not
+    assert not fingerprints_match(reference, weight_fingerprint(torch.randn(6, 5, generator=generator)))
+    low_rank = 0.3 * torch.randn(6, 1, generator=generator) @ torch.randn(1, 5, generator=generator)
+    assert not fingerprints_match(reference, weight_fingerprint(weight - low_rank))
+    assert not fingerprints_match(reference, weight_fingerprint(weight.flip(0)))
