@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from models import tiny_bert
 
 from fisherlora.cli import main
+from models import tiny_bert
 
 WORDS = ["good", "bad", "movie", "great", "awful", "plot", "fun", "boring", "the", "a"]
 

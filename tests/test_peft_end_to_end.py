@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from models import TinyCNN, image_batches, lm_batches, text_batches, tiny_bert, tiny_gpt2
 from peft import LoraConfig, PeftModel, get_peft_model
 
 import fisherlora as fl
 from fisherlora.init import INITIALIZERS
+from models import TinyCNN, image_batches, lm_batches, text_batches, tiny_bert, tiny_gpt2
 
 BERT_TARGETS = ["query", "value", "dense"]
 
@@ -70,7 +70,8 @@ def test_cnn_conv2d_outputs_unchanged(method: str):
     batches = image_batches()
     with torch.no_grad():
         reference = base(batches[0][0])
-    model = get_peft_model(copy.deepcopy(base), LoraConfig(r=2, lora_alpha=4, target_modules=["conv1", "conv2", "head"]))
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=["conv1", "conv2", "head"])
+    model = get_peft_model(copy.deepcopy(base), config)
     fl.initialize_lora_fisher(model, batches, config_for(method))
     with torch.no_grad():
         after = model(batches[0][0])

@@ -6,10 +6,10 @@ import copy
 
 import pytest
 import torch
-from models import text_batches, tiny_bert
 
 from fisherlora.bench.baselines import AdapterSpec, build_model, known_methods, split_method
 from fisherlora.config import FisherConfig
+from models import text_batches, tiny_bert
 
 SPEC = AdapterSpec(rank=2, alpha=4, target_modules=["query", "value"], modules_to_save=["classifier"])
 

@@ -79,8 +79,8 @@ def test_fisher_svd_with_identity_statistics_matches_peft_pissa(weight: torch.Te
     layer = peft_model.base_model.model[0]
     ours = run_initializer("fisher_svd", weight, identity_stats(12, 9), 3, 2.0, fl.FisherConfig())
     torch.testing.assert_close(ours.residual, layer.base_layer.weight.detach(), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(ours.lora_b @ ours.lora_a, layer.lora_B["default"].weight @ layer.lora_A["default"].weight,
-                               atol=1e-5, rtol=1e-5)
+    peft_product = layer.lora_B["default"].weight @ layer.lora_A["default"].weight
+    torch.testing.assert_close(ours.lora_b @ ours.lora_a, peft_product, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -156,7 +156,7 @@ def test_fisher_grad_stable_rule_has_lora_ga_norms():
 
 @pytest.mark.parametrize("rank", [0, 10])
 def test_bad_rank_is_refused_with_the_module_name(rank: int, weight: torch.Tensor):
-    with pytest.raises(ValueError, match=r"module 'encoder.q'.*rank r=%d" % rank):
+    with pytest.raises(ValueError, match=rf"module 'encoder.q'.*rank r={rank}"):
         run_initializer("fisher_svd", weight, make_stats(12, 9), rank, 1.0, fl.FisherConfig(), module_name="encoder.q")
 
 
