@@ -1,0 +1,93 @@
+"""`fisherlora bench` and `fisherlora report`: argument parsing only; the work is in the runner."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+
+def add_bench_commands(commands: Any) -> None:
+    from .presets import PRESETS
+
+    bench = commands.add_parser("bench", help="run the benchmark (default: the quick preset)")
+    bench.add_argument("--preset", default="quick", choices=sorted(PRESETS))
+    bench.add_argument("--out", default=None, help="results folder (default results/<preset>)")
+    bench.add_argument("--methods", nargs="+", default=None, help="subset of methods (e.g. lora pissa fisher_svd)")
+    bench.add_argument("--tasks", nargs="+", default=None, help="subset of the preset's tasks")
+    bench.add_argument("--seeds", nargs="+", type=int, default=None)
+    bench.add_argument("--lrs", nargs="+", type=float, default=None, help="replace the preset's LR grid")
+    bench.add_argument("--model", default=None, help="bring your own: a sequence-classification model folder")
+    bench.add_argument("--data", default=None, help="bring your own: CSV with text and label columns")
+    bench.add_argument("--test-data", default=None, help="bring your own: separate test CSV")
+    bench.add_argument("--text-column", default="text")
+    bench.add_argument("--label-column", default="label")
+    bench.add_argument("--targets", nargs="+", default=None, help="LoRA target modules for --model")
+    bench.add_argument("--no-report", action="store_true", help="do not write summary.md and plots at the end")
+    bench.set_defaults(handler=command_bench)
+
+    report = commands.add_parser("report", help="turn RESULTS_DIR/runs.jsonl into summary.md and plots")
+    report.add_argument("results_dir")
+    report.set_defaults(handler=command_report)
+
+
+def _byo_preset(args: argparse.Namespace) -> Any:
+    from .presets import Preset, get_preset
+
+    if args.model is None or args.data is None:
+        raise ValueError("bring your own data needs both --model DIR and --data FILE.csv")
+    text_plan = get_preset("text").tasks["text"]
+    options: dict[str, Any] = {"model_dir": args.model, "train_csv": args.data, "test_csv": args.test_data,
+                               "text_column": args.text_column, "label_column": args.label_column}
+    if args.targets:
+        options["target_modules"] = tuple(args.targets)
+    plan = replace(text_plan, options=options)
+    base = get_preset(args.preset)
+    return Preset(name=f"csv-{args.preset}", description="bring your own model and CSV", tasks={"csv": plan},
+                  methods=base.methods, seeds=base.seeds)
+
+
+def command_bench(args: argparse.Namespace) -> int:
+    from .presets import get_preset
+    from .report import format_table, write_report
+    from .results import ResultsFile
+    from .runner import run_all
+    from .statistics import summarize
+    from .tasks import build_task
+
+    preset = _byo_preset(args) if (args.model or args.data) else get_preset(args.preset)
+    if args.lrs:
+        for plan in preset.tasks.values():
+            plan.lrs, plan.method_lrs = list(args.lrs), {}
+    specs = preset.specs(methods=args.methods, tasks=args.tasks, seeds=args.seeds)
+    out = Path(args.out or f"results/{preset.name}")
+    results = ResultsFile(out)
+    cache: dict[str, Any] = {}
+
+    def task_factory(spec: Any) -> Any:
+        key = f"{spec.task}:{sorted(spec.task_options.items())}"
+        if key not in cache:
+            cache.clear()  # one task in memory at a time
+            cache[key] = build_task(spec.task, **spec.task_options)
+        return cache[key]
+
+    done_before = len(results.done_ids() & {spec.run_id() for spec in specs})
+    print(f"preset {preset.name}: {len(specs)} runs ({done_before} already in {results.path}); "
+          f"tasks {sorted({s.task for s in specs})}, {len({s.method for s in specs})} methods")
+    run_all(specs, results, task_factory)
+    runs = [record for record in results.records() if record.get("preset") == preset.name]
+    print(format_table(summarize(runs)))
+    if not args.no_report:
+        print(f"report: {write_report(out)}")
+    return 0
+
+
+def command_report(args: argparse.Namespace) -> int:
+    from .report import format_table, load_runs, write_report
+    from .statistics import summarize
+
+    path = write_report(args.results_dir)
+    print(format_table(summarize(load_runs(args.results_dir))))
+    print(f"wrote {path}")
+    return 0

@@ -1,0 +1,109 @@
+"""Benchmark presets: which tasks, methods, seeds and learning rates, and how big each run is.
+
+`quick` is the README's main job (one task, every method, one seed, one LR, minutes on 2 CPU
+cores); `full` follows the protocol of DESIGN.md section 5 (LR grid of 3+, 3+ seeds, 3 tasks).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from ..config import FisherConfig
+from .runner import RunSpec, TrainingConfig
+
+BASELINE_METHODS = ["lora", "gaussian", "pissa", "olora", "eva", "corda", "lora_ga", "milora"]
+FISHER_METHODS = ["fisher_svd", "fisher_select", "fisher_eig", "fisher_grad", "fisher_svd@true", "fisher_grad@true"]
+ALL_METHODS = BASELINE_METHODS + FISHER_METHODS
+
+
+@dataclass
+class TaskPlan:
+    """One task inside a preset.
+
+    Attributes:
+        lrs: the learning-rate grid every method is tried on.
+        method_lrs: extra learning rates for some methods (grid extensions where a method's best
+            LR sat at an edge), added to `lrs` for that method.
+        training: shared training settings.
+        options: the task's own config overrides (subset sizes, lengths).
+    """
+
+    lrs: list[float]
+    training: TrainingConfig
+    options: dict[str, Any] = field(default_factory=dict)
+    method_lrs: dict[str, list[float]] = field(default_factory=dict)
+
+
+@dataclass
+class Preset:
+    name: str
+    description: str
+    tasks: dict[str, TaskPlan]
+    methods: list[str]
+    seeds: list[int]
+    fisher: FisherConfig = field(default_factory=lambda: FisherConfig(progress=False))
+
+    def specs(self, methods: list[str] | None = None, tasks: list[str] | None = None,
+              seeds: list[int] | None = None) -> list[RunSpec]:
+        """Every run of the preset (optionally restricted), ordered seed-major so that an
+        interrupted benchmark has complete seeds for every method first."""
+        chosen_tasks = tasks or list(self.tasks)
+        unknown = [task for task in chosen_tasks if task not in self.tasks]
+        if unknown:
+            raise ValueError(f"preset {self.name!r} has no task {unknown}; it has {list(self.tasks)}")
+        specs = []
+        for task in chosen_tasks:
+            plan = self.tasks[task]
+            for seed in seeds or self.seeds:
+                for method in methods or self.methods:
+                    grid = sorted(set(plan.lrs) | set(plan.method_lrs.get(method, [])))
+                    for lr in grid:
+                        specs.append(RunSpec(task=task, method=method, seed=seed, lr=lr, training=plan.training,
+                                             fisher=self.fisher, task_options=dict(plan.options), preset=self.name))
+        return specs
+
+
+TEXT_SMALL = {"train_size": 768, "val_size": 300, "test_size": 500, "max_length": 48}
+TEXT_FULL = {"train_size": 2000, "val_size": 500, "test_size": 1000, "max_length": 64}
+LM_FULL = {"train_size": 640, "val_size": 100, "test_size": 200, "max_length": 48}
+VISION_FULL = {"train_size": 1600, "val_size": 400, "test_size": 1000, "image_size": 64}
+
+
+def _presets() -> dict[str, Preset]:
+    text_training = TrainingConfig(rank=8, alpha=16, batch_size=16, epochs=1, calibration_batches=8,
+                                   calibration_batch_size=16)
+    text_full_training = replace(text_training, calibration_batches=16)
+    lm_training = TrainingConfig(rank=8, alpha=16, batch_size=8, epochs=1, calibration_batches=8,
+                                 calibration_batch_size=8)
+    vision_training = TrainingConfig(rank=8, alpha=16, batch_size=32, epochs=1, calibration_batches=8,
+                                     calibration_batch_size=32)
+    text_full = TaskPlan(lrs=[1e-3, 3e-3, 1e-2], training=text_full_training, options=TEXT_FULL)
+    lm_full = TaskPlan(lrs=[3e-4, 1e-3, 3e-3], training=lm_training, options=LM_FULL)
+    vision_full = TaskPlan(lrs=[1e-3, 3e-3, 1e-2], training=vision_training, options=VISION_FULL)
+    return {
+        "quick": Preset(
+            name="quick",
+            description="text task on a subset, every method, one seed, one learning rate (minutes on 2 cores)",
+            tasks={"text": TaskPlan(lrs=[3e-3], training=text_training, options=TEXT_SMALL)},
+            methods=ALL_METHODS,
+            seeds=[0],
+        ),
+        "text": Preset("text", "text task: LR grid x 3 seeds, every method", {"text": text_full}, ALL_METHODS,
+                       [0, 1, 2]),
+        "lm": Preset("lm", "causal-LM task: LR grid x 3 seeds, every method", {"lm": lm_full}, ALL_METHODS,
+                     [0, 1, 2]),
+        "vision": Preset("vision", "vision task: LR grid x 3 seeds, every method", {"vision": vision_full},
+                         ALL_METHODS, [0, 1, 2]),
+        "full": Preset("full", "all three tasks: LR grid x 3 seeds, every method",
+                       {"text": text_full, "lm": lm_full, "vision": vision_full}, ALL_METHODS, [0, 1, 2]),
+    }
+
+
+PRESETS: dict[str, Preset] = _presets()
+
+
+def get_preset(name: str) -> Preset:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
+    return PRESETS[name]

@@ -1,0 +1,129 @@
+"""The benchmark harness on a tiny random task: records, resume, failures, presets."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from models import tiny_bert
+
+from fisherlora.bench.presets import ALL_METHODS, PRESETS
+from fisherlora.bench.results import ResultsFile
+from fisherlora.bench.runner import RunSpec, TrainingConfig, run_all, smoothed_curve, training_batches
+from fisherlora.bench.tasks import Task, classification_accuracy, list_tasks
+from fisherlora.config import FisherConfig
+
+TRAINING = TrainingConfig(rank=2, alpha=4, batch_size=4, calibration_batches=2, calibration_batch_size=4)
+
+
+def collate(examples: list[tuple[list[int], int]]) -> dict[str, torch.Tensor]:
+    return {"input_ids": torch.tensor([tokens for tokens, _ in examples]),
+            "attention_mask": torch.ones(len(examples), 5, dtype=torch.long),
+            "labels": torch.tensor([label for _, label in examples])}
+
+
+def tiny_task() -> Task:
+    generator = torch.Generator().manual_seed(0)
+    examples = [(torch.randint(1, 50, (5,), generator=generator).tolist(), index % 2) for index in range(40)]
+    return Task(name="tiny", config=None, metric_name="accuracy",
+                model_factory=lambda seed=0: tiny_bert(num_labels=2, seed=seed), target_modules=["query", "value"],
+                modules_to_save=["classifier"], train_examples=examples[:16], val_examples=examples[16:28],
+                test_examples=examples[28:], collate=collate, evaluate=classification_accuracy, num_labels=2)
+
+
+def specs(methods: list[str], lrs: list[float], seeds: list[int] = [0]) -> list[RunSpec]:  # noqa: B006
+    return [RunSpec(task="tiny", method=m, seed=s, lr=lr, training=TRAINING, fisher=FisherConfig(progress=False))
+            for s in seeds for m in methods for lr in lrs]
+
+
+class CountingFactory:
+    def __init__(self, fail_after: int | None = None) -> None:
+        self.calls = 0
+        self.fail_after = fail_after
+        self.task = tiny_task()
+
+    def __call__(self, spec: RunSpec) -> Task:
+        if self.fail_after is not None and self.calls >= self.fail_after:
+            raise KeyboardInterrupt("simulated interruption")
+        self.calls += 1
+        return self.task
+
+
+def test_records_have_the_protocol_fields(tmp_path: Path):
+    results = ResultsFile(tmp_path)
+    run_all(specs(["lora", "fisher_svd"], [1e-3]), results, CountingFactory(), show_progress=False)
+    records = results.records()
+    assert [r["method"] for r in records] == ["lora", "fisher_svd"]
+    for record in records:
+        for key in ("task", "method", "seed", "lr", "metric_name", "val_metric", "test_metric", "config", "curve",
+                    "git_commit", "git_dirty", "versions", "machine", "init_seconds", "init_peak_rss_mb",
+                    "final_train_loss", "train_seconds"):
+            assert key in record, key
+        assert "error" not in record, record.get("traceback")
+        assert 0.0 <= record["val_metric"] <= 1.0 and 0.0 <= record["test_metric"] <= 1.0
+        assert len(record["curve"]["step"]) == len(record["curve"]["train_loss"]) == record["train_steps"] == 4
+    assert records[1]["init_stats_mb"] > 0 and records[0]["init_stats_mb"] == 0
+
+
+def test_resume_skips_finished_runs_and_finishes_the_rest(tmp_path: Path):
+    results = ResultsFile(tmp_path)
+    plan = specs(["lora", "pissa"], [1e-3, 1e-2])
+    with pytest.raises(KeyboardInterrupt):
+        run_all(plan, results, CountingFactory(fail_after=2), show_progress=False)
+    assert len(results.records()) == 2, "the two finished runs are kept"
+    factory = CountingFactory()
+    written = run_all(plan, results, factory, show_progress=False)
+    assert factory.calls == 2 and len(written) == 2
+    assert sorted(r["run_id"] for r in results.records()) == sorted(spec.run_id() for spec in plan)
+    again = CountingFactory()
+    assert run_all(plan, results, again, show_progress=False) == [] and again.calls == 0
+    assert not list(tmp_path.glob(".runs.*")), "no temporary file left"
+
+
+def test_a_failing_run_is_recorded_not_hidden(tmp_path: Path):
+    results = ResultsFile(tmp_path)
+    run_all(specs(["lora"], [float("nan")]), results, CountingFactory(), show_progress=False)
+    (record,) = results.records()
+    assert "non-finite" in record["error"] or "nan" in record["error"].lower()
+    assert record["test_metric"] is None  # NaN is written as null: valid JSON
+    json.loads((tmp_path / "runs.jsonl").read_text().splitlines()[0])
+
+
+def test_same_seed_same_data_order_for_every_method():
+    task = tiny_task()
+    first, second = specs(["lora", "fisher_svd"], [1e-3])
+    other_seed = specs(["lora"], [1e-3], seeds=[1])[0]
+    batches = [b["input_ids"] for b in training_batches(task, first)]
+    assert all(torch.equal(a["input_ids"], b) for a, b in zip(training_batches(task, second), batches, strict=True))
+    assert not all(torch.equal(a["input_ids"], b)
+                   for a, b in zip(training_batches(task, other_seed), batches, strict=True))
+
+
+def test_run_id_changes_with_settings():
+    (spec,) = specs(["lora"], [1e-3])
+    changed = RunSpec(task="tiny", method="lora", seed=0, lr=1e-3, training=TrainingConfig(rank=4),
+                      fisher=FisherConfig(progress=False))
+    assert spec.run_id() != changed.run_id()
+    assert spec.run_id() == specs(["lora"], [1e-3])[0].run_id()
+
+
+def test_smoothed_curve_keeps_every_step():
+    steps, values = smoothed_curve([4.0, 2.0, 3.0, 1.0, 5.0], points=2)
+    assert steps == [3, 5] and values == [3.0, 3.0]
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_parses(name: str):
+    preset = PRESETS[name]
+    plan = preset.specs()
+    assert plan and len({spec.run_id() for spec in plan}) == len(plan)
+    assert set(preset.tasks) <= set(list_tasks())
+    assert set(preset.methods) == set(ALL_METHODS)
+    if name == "full":
+        assert set(preset.tasks) == {"text", "lm", "vision"}
+        assert len(preset.seeds) >= 3 and all(len(p.lrs) >= 3 for p in preset.tasks.values())
+    for spec in plan:
+        assert spec.lr > 0 and math.isfinite(spec.lr)
