@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from models import tiny_bert
 
 from fisherlora.bench.presets import ALL_METHODS, PRESETS
 from fisherlora.bench.results import ResultsFile
 from fisherlora.bench.runner import RunSpec, TrainingConfig, run_all, smoothed_curve, training_batches
 from fisherlora.bench.tasks import Task, classification_accuracy, list_tasks
 from fisherlora.config import FisherConfig
+from models import tiny_bert
 
 TRAINING = TrainingConfig(rank=2, alpha=4, batch_size=4, calibration_batches=2, calibration_batch_size=4)
 
