@@ -14,6 +14,7 @@ from .methods import METHODS, PEFT_BASELINES, list_methods
 from .peft import LayerReport, save_as_lora
 from .stats.collect import StatisticsError
 from .stats.container import FisherStats, LayerStats
+from .stats.sketch import LowRankFactor
 
 __version__ = "0.1.0"
 
@@ -25,6 +26,7 @@ __all__ = [
     "FisherStats",
     "LayerReport",
     "LayerStats",
+    "LowRankFactor",
     "StatisticsError",
     "collect_fisher",
     "initialize_lora_fisher",

@@ -40,7 +40,14 @@ def collect_fisher(
             Fisher with a `loss_fn`.
 
     Returns:
-        `FisherStats`: base-model module name -> `LayerStats` (`act_cov`, `grad_cov`, ...).
+        `FisherStats`: base-model module name -> `LayerStats` (`act_cov`, `grad_cov`, ...). Factors wider
+        than `config.sketch_threshold` are `stats.sketch.LowRankFactor` sketches (`O(k d)` memory);
+        the initializers take either form.
+
+    Data parallel: when `torch.distributed` is initialized (`torchrun`, `accelerate launch`), give each
+    rank its own share of the batches; the sums and token counts are all-reduced, so every rank
+    returns the statistics of all the batches (and `initialize_lora_fisher` writes identical
+    adapters on every rank).
     """
     config = config or FisherConfig()
     targets = find_target_layers(model, adapter_name, target_modules)

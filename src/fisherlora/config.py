@@ -45,6 +45,18 @@ class FisherConfig:
         eig_gamma: factor multiplier of the "unit" rule.
         seed: seed of the label sampling of the true Fisher.
         progress: show a progress bar while collecting.
+        sketch_threshold: a Kronecker factor whose dimension (`d_in` for `A`, `d_out` for `G`)
+            exceeds it is kept as a low-rank Nystrom sketch (`stats.sketch.LowRankFactor`, `d * k`
+            floats) instead of a dense `d x d` matrix; `None` keeps every factor dense.
+        sketch_rank: `k`, the sketch size (clipped to `d`; `k = d` reproduces the exact factor).
+        sketch_seed: seed of the sketches' Gaussian test matrices (per layer and side; identical on
+            every `torch.distributed` rank).
+        layer_groups: collect the layers in this many contiguous groups, one pass over the data per
+            group: the accumulators of one group only are alive at a time (peak memory divided by
+            about `layer_groups`) for `layer_groups` times the forward/backward time. The dataloader
+            must be re-iterable and yield the same batches each pass.
+        stats_device: where finished statistics are kept (e.g. "cpu": each group's statistics leave
+            the accelerator as soon as it is done); `None` keeps them on the layer's device.
     """
 
     method: str = "fisher_svd"
@@ -61,6 +73,11 @@ class FisherConfig:
     eig_gamma: float = 1.0
     seed: int = 0
     progress: bool = True
+    sketch_threshold: int | None = None
+    sketch_rank: int = 256
+    sketch_seed: int = 0
+    layer_groups: int = 1
+    stats_device: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -76,6 +93,12 @@ class FisherConfig:
             raise ValueError(f"FisherConfig.damping must be >= 0, got {self.damping}")
         if self.grad_gamma <= 0:
             raise ValueError(f"FisherConfig.grad_gamma must be > 0, got {self.grad_gamma}")
+        if self.sketch_threshold is not None and self.sketch_threshold < 1:
+            raise ValueError(f"FisherConfig.sketch_threshold must be >= 1 or None, got {self.sketch_threshold}")
+        if self.sketch_rank < 1:
+            raise ValueError(f"FisherConfig.sketch_rank must be >= 1, got {self.sketch_rank}")
+        if self.layer_groups < 1:
+            raise ValueError(f"FisherConfig.layer_groups must be >= 1, got {self.layer_groups}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

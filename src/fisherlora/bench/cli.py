@@ -27,6 +27,16 @@ def add_bench_commands(commands: Any) -> None:
     bench.add_argument("--no-report", action="store_true", help="do not write summary.md and plots at the end")
     bench.set_defaults(handler=command_bench)
 
+    init_cost = commands.add_parser("bench-init", help="time each initialization on the same calibration batches")
+    init_cost.add_argument("--task", default="text", choices=["text", "lm", "vision"])
+    init_cost.add_argument("--methods", nargs="+", default=None)
+    init_cost.add_argument("--batches", type=int, default=32, help="calibration batches")
+    init_cost.add_argument("--batch-size", type=int, default=16)
+    init_cost.add_argument("--repeats", type=int, default=3)
+    init_cost.add_argument("--no-epoch", action="store_true", help="skip timing one training epoch")
+    init_cost.add_argument("--out", default="results/init_cost")
+    init_cost.set_defaults(handler=command_init_cost)
+
     report = commands.add_parser("report", help="turn RESULTS_DIR/runs.jsonl into summary.md and plots")
     report.add_argument("results_dir")
     report.set_defaults(handler=command_report)
@@ -52,7 +62,7 @@ def command_bench(args: argparse.Namespace) -> int:
     from .presets import get_preset
     from .report import format_table, write_report
     from .results import ResultsFile
-    from .runner import run_all
+    from .runner import process_rank, run_all
     from .statistics import summarize
     from .tasks import build_task
 
@@ -76,6 +86,8 @@ def command_bench(args: argparse.Namespace) -> int:
     print(f"preset {preset.name}: {len(specs)} runs ({done_before} already in {results.path}); "
           f"tasks {sorted({s.task for s in specs})}, {len({s.method for s in specs})} methods")
     run_all(specs, results, task_factory)
+    if process_rank()[0] != 0:  # under DDP only rank 0 reports (run_all already waited for the file)
+        return 0
     runs = [record for record in results.records() if record.get("preset") == preset.name]
     print(format_table(summarize(runs)))
     if not args.no_report:
@@ -90,4 +102,14 @@ def command_report(args: argparse.Namespace) -> int:
     path = write_report(args.results_dir)
     print(format_table(summarize(load_runs(args.results_dir))))
     print(f"wrote {path}")
+    return 0
+
+
+def command_init_cost(args: argparse.Namespace) -> int:
+    from .init_cost import DEFAULT_METHODS, InitCostConfig, format_init_cost, run_init_cost
+
+    config = InitCostConfig(task=args.task, methods=args.methods or list(DEFAULT_METHODS),
+                            calibration_batches=args.batches, batch_size=args.batch_size, repeats=args.repeats,
+                            reference_epoch=not args.no_epoch)
+    print(format_init_cost(run_init_cost(config, args.out)))
     return 0

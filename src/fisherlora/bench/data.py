@@ -7,7 +7,7 @@ need them.
 - :func:`read_labeled_csv` -- a user's own ``(text, label)`` CSV (optionally ``.bz2``).
 - :func:`load_rotten_tomatoes` -- 12,752 binary movie-review snippets (fresh / rotten).
 - :func:`load_fashion_mnist` -- Fashion-MNIST as uint8 tensors.
-- :func:`word_reversal_problems`, :func:`arithmetic_problems` -- procedural, seeded
+- :func:`word_list_problems`, :func:`arithmetic_problems` -- procedural, seeded
   prompt/answer generation tasks for a causal LM (exact-match answers).
 - :func:`seeded_split` -- fixed, disjoint train/val/test indices.
 """
@@ -188,7 +188,7 @@ ARITHMETIC_OPS = ("add", "sub", "mul")
 def arithmetic_problems(max_operand: int = 99, ops: Sequence[str] = ("add", "sub")) -> list[PromptAnswer]:
     """Every arithmetic problem over operands ``0..max_operand``, in a fixed order.
 
-    The generation task for the causal LM (SmolLM2). Construction, deterministic and
+    An alternative generation task for the causal LM. Construction, deterministic and
     without randomness (the seeded choice of problems is :func:`seeded_split`'s job):
 
     - ``add``: ``"{a} + {b} ="`` -> ``"{a + b}"`` for all ordered pairs ``(a, b)``;
@@ -232,24 +232,43 @@ WORDS = (
 )
 
 
-def word_reversal_problems(
-    num_problems: int, seed: int, min_words: int = 3, max_words: int = 5, words: Sequence[str] = WORDS
+WORD_OPS = {
+    "sort": ("Sort the words alphabetically:", lambda chosen: sorted(chosen)),
+    "reverse": ("Reverse the words:", lambda chosen: list(reversed(chosen))),
+}
+
+
+def word_list_problems(
+    num_problems: int,
+    seed: int,
+    op: str = "sort",
+    min_words: int = 3,
+    max_words: int = 5,
+    words: Sequence[str] = WORDS,
 ) -> list[PromptAnswer]:
-    """``num_problems`` distinct word-list reversals, drawn with ``random.Random(seed)``.
+    """``num_problems`` distinct word-list problems, drawn with ``random.Random(seed)``.
 
     The default generation task for the causal LM (SmolLM2). Each problem picks a length
     ``k`` uniformly in ``[min_words, max_words]`` and ``k`` distinct words from ``words``
-    (without replacement), then:
-    ``"Reverse the words: stone river apple ->"`` -> ``"apple river stone"``.
+    (without replacement, in random order), then asks for them rearranged:
+
+    - ``op="sort"``: ``"Sort the words alphabetically: stone apple river ->"`` ->
+      ``"apple river stone"``;
+    - ``op="reverse"``: ``"Reverse the words: stone apple river ->"`` -> ``"river apple stone"``.
+
     Word lists are distinct, so splitting the list gives disjoint train/val/test problems.
-    The pretrained model rarely produces the exact answer, but the task is learnable from a
-    few hundred examples (copying with a reordering), so the metric moves within minutes.
+    The pretrained SmolLM2 scores 0 exact match on both. Measured with LoRA r=8 on q/v,
+    batch 8, LR 3e-3: "reverse" reaches ~0.95 within 50 steps (too easy to separate
+    methods), "sort" ~0.25 at 50 and ~0.35 at 100 steps, still learning, hence the default.
     """
+    if op not in WORD_OPS:
+        raise ValueError(f"word-list op must be one of {sorted(WORD_OPS)}, got {op!r}")
     if not 1 <= min_words <= max_words <= len(words):
         raise ValueError(f"need 1 <= min_words <= max_words <= {len(words)}, got {min_words}, {max_words}")
     capacity = sum(_permutations(len(words), k) for k in range(min_words, max_words + 1))
     if num_problems > capacity // 2:  # rejection sampling would crawl near the capacity
         raise ValueError(f"num_problems={num_problems} is too many for {len(words)} words (at most {capacity // 2})")
+    instruction, rearrange = WORD_OPS[op]
     rng = random.Random(seed)
     seen: set[tuple[str, ...]] = set()
     problems: list[PromptAnswer] = []
@@ -258,7 +277,7 @@ def word_reversal_problems(
         if chosen in seen:
             continue
         seen.add(chosen)
-        problems.append(PromptAnswer(f"Reverse the words: {' '.join(chosen)} ->", " ".join(reversed(chosen))))
+        problems.append(PromptAnswer(f"{instruction} {' '.join(chosen)} ->", " ".join(rearrange(chosen))))
     return problems
 
 

@@ -10,14 +10,14 @@ from pathlib import Path
 from typing import Any
 
 
-def _clean(value: Any) -> Any:
+def clean_for_json(value: Any) -> Any:
     # JSON has no NaN/inf: failed metrics are written as null.
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {str(key): _clean(item) for key, item in value.items()}
+        return {str(key): clean_for_json(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_clean(item) for item in value]
+        return [clean_for_json(item) for item in value]
     return value
 
 
@@ -50,7 +50,7 @@ class ResultsFile:
         existing = self.path.read_text() if self.path.exists() else ""
         if existing and not existing.endswith("\n"):
             existing += "\n"
-        line = json.dumps(_clean(record), sort_keys=True)
+        line = json.dumps(clean_for_json(record), sort_keys=True)
         handle, temporary = tempfile.mkstemp(dir=self.directory, prefix=".runs.", suffix=".tmp")
         try:
             with os.fdopen(handle, "w") as stream:

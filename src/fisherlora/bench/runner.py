@@ -8,6 +8,7 @@ import gc
 import hashlib
 import json
 import math
+import os
 import random
 import time
 import traceback
@@ -106,31 +107,126 @@ def linear_schedule(optimizer: torch.optim.Optimizer, total_steps: int,
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def _use_cpu() -> bool:
+    # The Accelerate device: the GPUs when there are any, unless `--cpu`/ACCELERATE_USE_CPU says otherwise.
+    flag = os.environ.get("ACCELERATE_USE_CPU", "").strip().lower() in ("1", "true", "yes", "y", "on")
+    return flag or not torch.cuda.is_available()
+
+
+def _launched_distributed() -> bool:
+    """Whether this process was started by `accelerate launch`/`torchrun` with several processes."""
+    import torch.distributed as distributed
+
+    if distributed.is_available() and distributed.is_initialized():
+        return distributed.get_world_size() > 1
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def process_rank() -> tuple[int, int]:
+    """`(rank, world size)` of this process: `(0, 1)` in a single process.
+
+    Under a distributed launch this sets up Accelerate's process group (gloo on CPU, NCCL on GPU)
+    if it is not up yet, so that every later collective (statistics, DDP) uses it.
+    """
+    if not _launched_distributed():
+        return 0, 1
+    from accelerate import PartialState
+
+    state = PartialState(cpu=_use_cpu())
+    return state.process_index, state.num_processes
+
+
+def _loss_units(batch: Any) -> int:
+    from ..stats.objective import default_loss_units
+
+    try:
+        return default_loss_units(batch)
+    except ValueError:
+        values = batch.values() if isinstance(batch, dict) else batch
+        return next(int(value.shape[0]) for value in values if isinstance(value, torch.Tensor) and value.dim() > 0)
+
+
+def _shard(batch: dict[str, Any], index: int, count: int) -> dict[str, Any]:
+    """Rows `index` of `count` nearly equal parts of every tensor of the batch (split on dim 0)."""
+    sizes = {int(value.shape[0]) for value in batch.values() if isinstance(value, torch.Tensor) and value.dim() > 0}
+    if len(sizes) != 1:
+        raise ValueError(f"cannot shard a batch whose tensors have different first dimensions {sorted(sizes)}")
+    (size,) = sizes
+    if size < count:
+        raise ValueError(f"a training batch of {size} examples cannot be split over {count} processes; "
+                         "use a batch size of at least the number of processes")
+    return {key: torch.tensor_split(value, count)[index] if isinstance(value, torch.Tensor) and value.dim() > 0
+            else value for key, value in batch.items()}
+
+
 def train(model: nn.Module, batches: Sequence[Any], lr: float, config: TrainingConfig,
           progress: Callable[[int, float], None] | None = None) -> list[float]:
     """AdamW over the trainable parameters, one step per batch; returns the per-step losses.
 
+    Runs under `accelerate.Accelerator`. In a single process this is the plain loop: the model stays
+    on its device and is not wrapped. Launched with several processes (`accelerate launch`,
+    `torchrun`), the model is wrapped in DistributedDataParallel on `accelerator.device` and every
+    batch is *sharded*: each rank runs rows `rank` of `world size` near-equal parts of the same batch,
+    its loss weighted by its share of the batch's loss units (labels != -100 after the causal shift,
+    else examples), so the DDP-averaged gradient is the whole batch's. The steps, batches, schedule
+    and clipping are those of one process; the returned losses are the whole batch's, the same on
+    every rank. Afterwards the model is unwrapped and back on its original device.
+
     Raises:
-        FloatingPointError: the loss became non-finite (the run is recorded as failed).
+        FloatingPointError: the loss became non-finite (the run is recorded as failed; under DDP
+            every rank raises at the same step).
     """
+    from accelerate import Accelerator
+    from accelerate.utils import send_to_device
+
+    accelerator = Accelerator(cpu=_use_cpu())
+    world, rank = accelerator.num_processes, accelerator.process_index
+    distributed = world > 1
+    home = next(model.parameters()).device
     parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=config.weight_decay)
+    # Only under DDP is the model moved (to this rank's device). The scheduler is not prepared:
+    # Accelerate would step it once per process, and sharding keeps the single-process step count.
+    wrapped = accelerator.prepare_model(model, device_placement=distributed)
+    prepared_optimizer = accelerator.prepare_optimizer(optimizer, device_placement=distributed)
     scheduler = linear_schedule(optimizer, len(batches), config.warmup_fraction)
-    model.train()
+    if distributed:
+        # Same seed on every rank (seed_everything): offset it so the shards get independent dropout
+        # masks, as the rows of one batch do in a single process.
+        torch.manual_seed(int(torch.randint(2**62, ())) + rank)
+    wrapped.train()
     losses = []
-    for step, batch in enumerate(batches):
-        loss = model(**batch).loss
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"training loss became {float(loss)} at step {step}")
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss.detach()))
-        if progress is not None:
-            progress(step, losses[-1])
-    model.eval()
+    try:
+        for step, batch in enumerate(batches):
+            if not distributed:
+                loss = wrapped(**batch).loss
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"training loss became {float(loss)} at step {step}")
+                accelerator.backward(loss)
+                value = float(loss.detach())
+            else:
+                shard = _shard(batch, rank, world)
+                share = _loss_units(shard) / max(_loss_units(batch), 1)
+                outputs = wrapped(**send_to_device(shard, accelerator.device))
+                # A shard without loss units contributes a zero that still goes through DDP.
+                loss = outputs.loss if share > 0 else outputs.logits.sum() * 0.0
+                whole = accelerator.reduce(loss.detach().float() * share, reduction="sum")  # the batch's loss
+                if not torch.isfinite(whole):
+                    raise FloatingPointError(f"training loss became {float(whole)} at step {step}")
+                accelerator.backward(loss * (share * world))  # DDP averages: sum_r share_r * grad_r
+                value = float(whole)
+            accelerator.clip_grad_norm_(parameters, config.max_grad_norm)
+            prepared_optimizer.step()
+            scheduler.step()
+            prepared_optimizer.zero_grad(set_to_none=True)
+            losses.append(value)
+            if progress is not None:
+                progress(step, losses[-1])
+    finally:
+        model.eval()
+        del wrapped, prepared_optimizer  # the DDP wrapper goes with the accelerator (no gc pass here: execute runs one)
+        if distributed:
+            model.to(home)
     return losses
 
 
@@ -218,32 +314,54 @@ def _statistics_mb(spec: RunSpec, model: nn.Module) -> float:
 
     if name not in INITIALIZERS or not INITIALIZERS[name].needs_statistics:
         return 0.0
+    from ..stats.sketch import layer_statistics_bytes
+
     total = 0
     for target in find_target_layers(model):
         d_out, d_in = weight_matrix(target.weight_module, target.layer_type).shape
-        total += d_in * d_in + d_out * d_out + (d_out * d_in if INITIALIZERS[name].needs_grad_mean else 0)
-    return total * 4 / 2**20
+        total += layer_statistics_bytes(int(d_out), int(d_in), spec.fisher.sketch_threshold, spec.fisher.sketch_rank,
+                                        INITIALIZERS[name].needs_grad_mean)
+    return total / 2**20
 
 
 def run_all(specs: Sequence[RunSpec], results: ResultsFile, task_factory: Callable[[RunSpec], Any],
             show_progress: bool = True) -> list[dict[str, Any]]:
     """Execute every spec not yet in `results`, appending each record as soon as it is done.
 
+    Under a distributed launch every rank runs every pending spec (training is data-parallel, see
+    `train`); the list of finished runs is rank 0's, only rank 0 writes records (with `world_size`
+    added) and shows progress, and all ranks return after the last record is written.
+
     Returns:
-        the records written by this call.
+        the records of this call (written by rank 0; the same records on every rank).
     """
     from tqdm.auto import tqdm
 
-    done = results.done_ids()
+    rank, world = process_rank()
+    done = results.done_ids() if rank == 0 else set()
+    if world > 1:
+        import torch.distributed as distributed
+
+        shared: list[Any] = [done]
+        distributed.broadcast_object_list(shared, src=0)
+        done = shared[0]
     pending = [spec for spec in specs if spec.run_id() not in done]
     written = []
     with tqdm(total=len(specs), initial=len(specs) - len(pending), desc="runs", unit="run",
-              disable=not show_progress) as bar:
+              disable=not show_progress or rank != 0) as bar:
         for spec in pending:
-            record = execute(spec, task_factory(spec), show_progress)
-            results.append(record)
+            record = execute(spec, task_factory(spec), show_progress and rank == 0)
+            if world > 1:
+                record["world_size"] = world
+            if rank == 0:
+                results.append(record)
             written.append(record)
             bar.update(1)
             status = record.get("error") or f"val={record['val_metric']:.4f} test={record['test_metric']:.4f}"
-            bar.write(f"{spec.task:>7} {spec.method:<18} seed={spec.seed} lr={spec.lr:g}: {status}")
+            if rank == 0:
+                bar.write(f"{spec.task:>7} {spec.method:<18} seed={spec.seed} lr={spec.lr:g}: {status}")
+    if world > 1:
+        import torch.distributed as distributed
+
+        distributed.barrier()  # the results file is complete before any rank reads it again
     return written

@@ -9,31 +9,48 @@ from functools import cached_property
 import torch
 
 from ..config import FisherConfig
-from ..stats.container import LayerStats
+from ..stats.container import DenseLayerStats, LayerStats
 from ..stats.linalg import FactorRoots, damp, fisher_norm_squared, symmetric_roots
+from ..stats.sketch import LowRankFactor
 
 
 class LayerGeometry:
     """A layer's statistics with its damped factors and their roots computed once, on demand.
 
+    Dense or sketched (`LowRankFactor`) statistics: initializers see `stats` with dense factors,
+    formed only when they ask for them, one layer at a time; the roots of a sketched factor are
+    `U f(lambda + delta) U^T + f(tail + delta) (I - U U^T)` (no `d x d` eigendecomposition).
+
     Attributes:
-        stats: the `LayerStats`.
+        source: the `LayerStats` as given (dense or sketched, on any device).
         damping: relative damping applied to both factors.
+        device: where the matrices are formed (the weight's device); None: where the statistics are.
     """
 
-    def __init__(self, stats: LayerStats, damping: float) -> None:
-        self.stats = stats
+    def __init__(self, stats: LayerStats, damping: float, device: torch.device | str | None = None) -> None:
+        self.source = stats
         self.damping = damping
+        self.device = device
+
+    @cached_property
+    def stats(self) -> DenseLayerStats:
+        """The statistics with dense factors on `device` (the given object itself when it already is)."""
+        return self.source.dense(self.device)
+
+    def _roots(self, factor: torch.Tensor | LowRankFactor) -> FactorRoots:
+        if isinstance(factor, LowRankFactor):
+            return factor.roots(self.damping, self.device)
+        return symmetric_roots(factor if self.device is None else factor.to(self.device), self.damping)
 
     @cached_property
     def act_roots(self) -> FactorRoots:
         """Roots of the damped `A`, `(d_in, d_in)` float64."""
-        return symmetric_roots(self.stats.act_cov, self.damping)
+        return self._roots(self.source.act_cov)
 
     @cached_property
     def grad_roots(self) -> FactorRoots:
         """Roots of the damped `G`, `(d_out, d_out)` float64."""
-        return symmetric_roots(self.stats.grad_cov, self.damping)
+        return self._roots(self.source.grad_cov)
 
     @cached_property
     def damped_act_cov(self) -> torch.Tensor:
@@ -123,7 +140,8 @@ def run_initializer(
     Args:
         method: registered initializer name.
         weight: `(d_out, d_in)` floating-point weight.
-        stats: the layer's statistics (required when the method needs them).
+        stats: the layer's statistics (required when the method needs them); dense or sketched, on any
+            device (moved to the weight's device one layer at a time).
         rank: LoRA rank `r`, `1 <= r <= min(d_out, d_in)`.
         scaling: LoRA scaling `s` (`alpha / r`, or `alpha / sqrt(r)` with rsLoRA).
         config: the `FisherConfig` (damping, scale rules).
@@ -158,7 +176,7 @@ def run_initializer(
             raise ValueError(
                 f"method {method!r} needs grad_mean for module {module_name!r}: collect with collect_grad_mean=True"
             )
-        geometry = LayerGeometry(stats, config.damping)
+        geometry = LayerGeometry(stats, config.damping, device=weight.device)
     matrix = weight.detach().double()
     lora_a, lora_b = initializer.function(matrix, geometry, rank, scaling, config)
     if lora_a.shape != (rank, d_in) or lora_b.shape != (d_out, rank):

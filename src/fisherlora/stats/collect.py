@@ -5,10 +5,18 @@ formed, one `autograd.grad` call returns `dL/dy` for every recorded output at on
 gradients are never formed: `A`, `G` and `M` are sums of per-token outer products. Hooks live only
 inside `collect_statistics` and are removed on every exit path; `requires_grad` flags and the
 train/eval mode are restored.
+
+Bounded memory: a factor wider than `FisherConfig.sketch_threshold` is streamed into a Nystrom sketch
+(`sketch.NystromSketch`, `d * k` floats) instead of a dense `d x d` sum; `FisherConfig.layer_groups`
+collects contiguous groups of layers in separate passes over the data. Under `torch.distributed`
+every sum and count is all-reduced, so all ranks return identical statistics.
 """
 
 from __future__ import annotations
 
+import itertools
+import math
+import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -32,6 +40,7 @@ from .objective import (
     summed_cross_entropy,
     token_mask,
 )
+from .sketch import LowRankFactor, NystromSketch, layer_statistics_bytes, sketch_seed, sketched_rank
 
 
 class StatisticsError(ValueError):
@@ -56,11 +65,41 @@ class TargetLayer:
     layer_type: str
 
 
+class _DenseSum:
+    """`sum_t x_t x_t^T` as a dense `(d, d)` float32 matrix."""
+
+    def __init__(self, dim: int, device: torch.device) -> None:
+        self.total = torch.zeros(dim, dim, dtype=torch.float32, device=device)
+
+    def add(self, rows: torch.Tensor) -> None:
+        self.total.addmm_(rows.T, rows)
+
+    def reduce_tensors(self) -> list[torch.Tensor]:
+        return [self.total]
+
+    def nbytes(self) -> int:
+        return self.total.numel() * self.total.element_size()
+
+    def finalize(self, count: int) -> torch.Tensor:
+        # In place: the accumulator becomes the statistic, no second d x d copy.
+        return self.total.div_(count)
+
+
+_FactorSum = _DenseSum | NystromSketch
+
+
+def _factor_sum(dim: int, device: torch.device, config: FisherConfig, name: str, side: str) -> _FactorSum:
+    rank = sketched_rank(dim, config.sketch_threshold, config.sketch_rank)
+    if rank is None:
+        return _DenseSum(dim, device)
+    return NystromSketch(dim, rank, sketch_seed(config.sketch_seed, name, side), device)
+
+
 @dataclass
 class _Accumulator:
     target: TargetLayer
-    act_sum: torch.Tensor
-    grad_sum: torch.Tensor
+    act_sum: _FactorSum
+    grad_sum: _FactorSum
     grad_mean_sum: torch.Tensor | None
     tokens_forward: int = 0
     tokens_backward: int = 0
@@ -68,16 +107,24 @@ class _Accumulator:
     examples_backward: int = 0
 
     @classmethod
-    def create(cls, target: TargetLayer, with_grad_mean: bool) -> _Accumulator:
+    def create(cls, target: TargetLayer, with_grad_mean: bool, config: FisherConfig) -> _Accumulator:
         weight = weight_matrix(target.weight_module, target.layer_type)
         d_out, d_in = weight.shape
         device = weight.device
         return cls(
             target=target,
-            act_sum=torch.zeros(d_in, d_in, dtype=torch.float32, device=device),
-            grad_sum=torch.zeros(d_out, d_out, dtype=torch.float32, device=device),
+            act_sum=_factor_sum(d_in, device, config, target.name, "act"),
+            grad_sum=_factor_sum(d_out, device, config, target.name, "grad"),
             grad_mean_sum=torch.zeros(d_out, d_in, dtype=torch.float32, device=device) if with_grad_mean else None,
         )
+
+    @property
+    def device(self) -> torch.device:
+        return module_weight(self.target.weight_module).device
+
+    def reduce_tensors(self) -> list[torch.Tensor]:
+        tensors = self.act_sum.reduce_tensors() + self.grad_sum.reduce_tensors()
+        return tensors + ([self.grad_mean_sum] if self.grad_mean_sum is not None else [])
 
 
 @dataclass
@@ -161,7 +208,7 @@ def _add_forward(record: _Record, mask: torch.Tensor | None, examples: int, batc
         )
     record.kept_inputs = rows
     record.row_mask = row_mask
-    record.accumulator.act_sum.addmm_(rows.T, rows)
+    record.accumulator.act_sum.add(rows)
     record.accumulator.tokens_forward += rows.shape[0]
     record.accumulator.examples_forward += examples
 
@@ -181,7 +228,7 @@ def _add_backward(record: _Record, gradient: torch.Tensor | None, examples: int,
         raise StatisticsError(
             f"non-finite output gradient at module {accumulator.target.name!r} at batch {batch_index}"
         )
-    accumulator.grad_sum.addmm_(rows.T, rows)
+    accumulator.grad_sum.add(rows)
     if accumulator.grad_mean_sum is not None:
         accumulator.grad_mean_sum.addmm_(rows.T, inputs)
 
@@ -299,18 +346,18 @@ def _move(batch: Any, device: torch.device) -> Any:
 def _all_reduce(accumulators: list[_Accumulator], batches: int) -> tuple[int, int]:
     """Sum statistics and counts over `torch.distributed` ranks (a no-op without it).
 
-    Returns `(total batches, world size)`.
+    Dense factors, sketches (`Y` and the trace: every rank regenerates the same test matrix from the
+    seed), `M` and the token/example/batch counts are summed, so every rank finalizes identical
+    statistics. Returns `(total batches, world size)`.
     """
     import torch.distributed as distributed
 
     if not (distributed.is_available() and distributed.is_initialized()):
         return batches, 1
     for accumulator in accumulators:
-        distributed.all_reduce(accumulator.act_sum)
-        distributed.all_reduce(accumulator.grad_sum)
-        if accumulator.grad_mean_sum is not None:
-            distributed.all_reduce(accumulator.grad_mean_sum)
-    device = accumulators[0].act_sum.device if accumulators else torch.device("cpu")
+        for tensor in accumulator.reduce_tensors():
+            distributed.all_reduce(tensor)
+    device = accumulators[0].device if accumulators else torch.device("cpu")
     counts = torch.tensor(
         [[a.tokens_forward, a.tokens_backward, a.examples_forward, a.examples_backward] for a in accumulators]
         + [[batches, 0, 0, 0]],
@@ -322,6 +369,79 @@ def _all_reduce(accumulators: list[_Accumulator], batches: int) -> tuple[int, in
         (accumulator.tokens_forward, accumulator.tokens_backward,
          accumulator.examples_forward, accumulator.examples_backward) = (int(v) for v in row)
     return int(counts[-1, 0]), distributed.get_world_size()
+
+
+def layer_groups(targets: list[TargetLayer], config: FisherConfig,
+                 with_grad_mean: bool = False) -> list[list[TargetLayer]]:
+    """Split the targets into `config.layer_groups` contiguous groups of about equal statistics size.
+
+    Each group is collected in its own pass over the data, so the accumulators (and the recorded
+    inputs and outputs of a batch) of only one group are alive at a time.
+    """
+    count = min(config.layer_groups, len(targets))
+    if count <= 1:
+        return [list(targets)]
+    costs = []
+    for target in targets:
+        d_out, d_in = weight_matrix(target.weight_module, target.layer_type).shape
+        costs.append(layer_statistics_bytes(int(d_out), int(d_in), config.sketch_threshold, config.sketch_rank,
+                                            with_grad_mean))
+    cumulative = list(itertools.accumulate(costs))
+    total = cumulative[-1]
+    cuts = []
+    start = 0
+    for group in range(1, count):
+        goal = total * group / count
+        cut = start + 1  # every group gets at least one layer, and leaves one for each later group
+        while cut < len(targets) - (count - group) and cumulative[cut - 1] < goal:
+            cut += 1
+        cuts.append(cut)
+        start = cut
+    bounds = [0, *cuts, len(targets)]
+    return [list(targets[a:b]) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
+def _collect_pass(model: nn.Module, accumulators: list[_Accumulator], dataloader: Iterable[Any],
+                  config: FisherConfig, loss_fn: LossFn | None, sample_fn: SampleFn | None, description: str) -> int:
+    """One pass over the data for `accumulators`; returns the number of local batches."""
+    # Re-seeded every pass: the true Fisher draws the same labels in every pass (they depend on the
+    # logits only, not on which layers are recorded), so layer groups see the same gradients.
+    generator = torch.Generator().manual_seed(config.seed)
+    recorder = _Recorder()
+    batches = 0
+    total = config.num_batches
+    if total is None and hasattr(dataloader, "__len__"):
+        total = len(dataloader)  # type: ignore[arg-type]
+    from tqdm.auto import tqdm
+
+    with _collection_mode(model, accumulators, recorder), torch.enable_grad():
+        device = accumulators[0].device
+        progress = tqdm(total=total, desc=description, unit="batch", disable=not config.progress)
+        try:
+            for batch_index, batch in enumerate(dataloader):
+                if config.num_batches is not None and batch_index >= config.num_batches:
+                    break
+                batch = _move(batch, device)
+                if loss_fn is None:
+                    _default_step(model, batch, recorder, config, generator, batch_index)
+                else:
+                    _custom_step(model, batch, recorder, config, loss_fn, sample_fn, generator, batch_index)
+                recorder.records.clear()
+                batches += 1
+                progress.update(1)
+        finally:
+            progress.close()
+    return batches
+
+
+def _warn_if_shuffled(dataloader: Iterable[Any]) -> None:
+    sampler = getattr(dataloader, "sampler", None)
+    if isinstance(sampler, torch.utils.data.RandomSampler) and sampler.generator is None:
+        warnings.warn(
+            "layer_groups > 1 makes one pass over the dataloader per group, and this DataLoader shuffles without a "
+            "seeded generator: each group's statistics come from different batches",
+            stacklevel=3,
+        )
 
 
 def collect_statistics(
@@ -338,8 +458,12 @@ def collect_statistics(
     Args:
         model: the model (plain or PEFT); `model(**batch)` or `model(inputs)` must work.
         targets: layers to collect for (see `TargetLayer`).
-        dataloader: iterable of batches; the first `config.num_batches` are used.
-        config: Fisher type, number of batches and samples, loss reduction, seed, progress bar.
+        dataloader: iterable of batches; the first `config.num_batches` are used. With
+            `config.layer_groups > 1` it is iterated once per group and must yield the same
+            batches every time (a list, or a DataLoader without unseeded shuffling).
+        config: Fisher type, number of batches and samples, loss reduction, seed, progress bar,
+            sketching (`sketch_threshold`, `sketch_rank`, `sketch_seed`), `layer_groups` and
+            `stats_device`.
         loss_fn: optional `loss_fn(model, batch) -> scalar loss` replacing the default summed
             cross-entropy (for models whose output is not `(B, C)` or causal-LM logits).
         sample_fn: for the true Fisher with a `loss_fn`: returns a batch whose labels are drawn
@@ -347,63 +471,74 @@ def collect_statistics(
         with_grad_mean: also collect `M`.
 
     Returns:
-        `FisherStats` keyed by `TargetLayer.name`.
+        `FisherStats` keyed by `TargetLayer.name`. A factor whose dimension exceeds
+        `config.sketch_threshold` is a `LowRankFactor`, the others dense tensors. Under
+        `torch.distributed` the sums are all-reduced: every rank returns the same statistics.
     """
     if not targets:
         raise ValueError("no layer to collect statistics for: the model has no targeted layer")
-    generator = torch.Generator().manual_seed(config.seed)
-    recorder = _Recorder()
-    batches = 0
+    groups = layer_groups(targets, config, with_grad_mean)
+    if len(groups) > 1:
+        if isinstance(dataloader, Iterator):
+            raise ValueError(
+                f"FisherConfig.layer_groups={config.layer_groups} makes one pass over the data per group of layers, "
+                f"but the dataloader is a one-shot iterator ({type(dataloader).__name__}); pass a list of batches, "
+                "a DataLoader or another re-iterable, or set layer_groups=1"
+            )
+        _warn_if_shuffled(dataloader)
     dtype = str(weight_matrix(targets[0].weight_module, targets[0].layer_type).dtype)
-    total = config.num_batches
-    if total is None and hasattr(dataloader, "__len__"):
-        total = len(dataloader)  # type: ignore[arg-type]
-    from tqdm.auto import tqdm
-
-    accumulators = [_Accumulator.create(target, with_grad_mean) for target in targets]
-    with _collection_mode(model, accumulators, recorder), torch.enable_grad():
-        device = accumulators[0].act_sum.device
-        progress = tqdm(total=total, desc="Fisher statistics", unit="batch", disable=not config.progress)
-        try:
-            for batch_index, batch in enumerate(dataloader):
-                if config.num_batches is not None and batch_index >= config.num_batches:
-                    break
-                batch = _move(batch, device)
-                if loss_fn is None:
-                    _default_step(model, batch, recorder, config, generator, batch_index)
-                else:
-                    _custom_step(model, batch, recorder, config, loss_fn, sample_fn, generator, batch_index)
-                recorder.records.clear()
-                batches += 1
-                progress.update(1)
-        finally:
-            progress.close()
-    if batches == 0:
-        raise StatisticsError("the dataloader yielded no batches: cannot collect Fisher statistics")
-    batches, world_size = _all_reduce(accumulators, batches)
-    layers = {}
-    for accumulator in accumulators:
-        layers[accumulator.target.name] = _finalize(accumulator, batches)
-    return FisherStats(layers=layers, fisher=config.fisher, num_batches=batches,
+    layers: dict[str, LayerStats] = {}
+    batches_per_pass: int | None = None
+    world_size = 1
+    for index, group in enumerate(groups):
+        accumulators = [_Accumulator.create(target, with_grad_mean, config) for target in group]
+        description = "Fisher statistics" if len(groups) == 1 else f"Fisher statistics {index + 1}/{len(groups)}"
+        local_batches = _collect_pass(model, accumulators, dataloader, config, loss_fn, sample_fn, description)
+        batches, world_size = _all_reduce(accumulators, local_batches)
+        if batches == 0:
+            raise StatisticsError("the dataloader yielded no batches: cannot collect Fisher statistics")
+        if batches_per_pass is not None and batches != batches_per_pass:
+            raise StatisticsError(
+                f"the dataloader yielded {batches_per_pass} batches in the first pass and {batches} in pass "
+                f"{index + 1}; layer_groups > 1 needs the same batches in every pass"
+            )
+        batches_per_pass = batches
+        for accumulator in accumulators:
+            layers[accumulator.target.name] = _finalize(accumulator, batches, config.stats_device)
+        del accumulators
+    assert batches_per_pass is not None
+    return FisherStats(layers=layers, fisher=config.fisher, num_batches=batches_per_pass,
                        n_samples=config.n_samples if config.fisher == "true" else 1,
                        model_dtype=dtype, world_size=world_size)
 
 
-def _finalize(accumulator: _Accumulator, batches: int) -> LayerStats:
+def _finite(statistic: torch.Tensor | LowRankFactor | None) -> bool:
+    if statistic is None:
+        return True
+    if isinstance(statistic, LowRankFactor):
+        return bool(torch.isfinite(statistic.eigenvectors).all() and torch.isfinite(statistic.eigenvalues).all()
+                    and math.isfinite(statistic.trace))
+    return bool(torch.isfinite(statistic).all())
+
+
+def _finalize(accumulator: _Accumulator, batches: int, device: str | None = None) -> LayerStats:
     name = accumulator.target.name
     if accumulator.tokens_forward == 0 or accumulator.tokens_backward == 0:
         raise StatisticsError(
             f"module {name!r} saw no unmasked token in {batches} batches (every position had attention_mask == 0 "
             "or labels == -100, or the module was never called)"
         )
-    act_cov = accumulator.act_sum / accumulator.tokens_forward
-    grad_cov = accumulator.grad_sum / accumulator.tokens_backward
+    act_cov = accumulator.act_sum.finalize(accumulator.tokens_forward)
+    grad_cov = accumulator.grad_sum.finalize(accumulator.tokens_backward)
     grad_mean = None
     if accumulator.grad_mean_sum is not None:
-        grad_mean = accumulator.grad_mean_sum / max(accumulator.examples_backward, 1)
-    for label, tensor in (("act_cov", act_cov), ("grad_cov", grad_cov), ("grad_mean", grad_mean)):
-        if tensor is not None and not torch.isfinite(tensor).all():
+        grad_mean = accumulator.grad_mean_sum.div_(max(accumulator.examples_backward, 1))
+    for label, statistic in (("act_cov", act_cov), ("grad_cov", grad_cov), ("grad_mean", grad_mean)):
+        if not _finite(statistic):
             raise StatisticsError(f"statistic {label} of module {name!r} is not finite")
+    if device is not None:
+        act_cov, grad_cov = act_cov.to(device), grad_cov.to(device)
+        grad_mean = grad_mean.to(device) if grad_mean is not None else None
     weight = weight_matrix(accumulator.target.weight_module, accumulator.target.layer_type)
     return LayerStats(
         act_cov=act_cov,
@@ -417,4 +552,4 @@ def _finalize(accumulator: _Accumulator, batches: int) -> LayerStats:
     )
 
 
-__all__ = ["IGNORE_INDEX", "StatisticsError", "TargetLayer", "collect_statistics"]
+__all__ = ["IGNORE_INDEX", "StatisticsError", "TargetLayer", "collect_statistics", "layer_groups"]

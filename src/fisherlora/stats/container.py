@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from .sketch import LowRankFactor
+
 FORMAT_VERSION = 1
 LAYER_TYPES = ("linear", "conv1d", "conv2d")
 
@@ -41,8 +43,9 @@ class LayerStats:
     """Kronecker-factored Fisher statistics of one layer `y = W x`.
 
     Attributes:
-        act_cov: `A = (1/T) sum_t x_t x_t^T`, `(d_in, d_in)` float32.
-        grad_cov: `G = (1/T) sum_t g_t g_t^T`, `(d_out, d_out)` float32.
+        act_cov: `A = (1/T) sum_t x_t x_t^T`, `(d_in, d_in)` float32, or a `LowRankFactor` (a Nystrom
+            sketch in `O(k d_in)`, for layers wider than `FisherConfig.sketch_threshold`).
+        grad_cov: `G = (1/T) sum_t g_t g_t^T`, `(d_out, d_out)` float32, or a `LowRankFactor`.
         grad_mean: `M = (1/E) sum_t g_t x_t^T`, `(d_out, d_in)` float32, or None if not collected.
         num_tokens: `T`, unmasked tokens (positions x batch for Conv2d).
         num_examples: `E`, examples seen.
@@ -51,8 +54,8 @@ class LayerStats:
         fingerprint: `weight_fingerprint` of the weight the statistics were collected on.
     """
 
-    act_cov: torch.Tensor
-    grad_cov: torch.Tensor
+    act_cov: torch.Tensor | LowRankFactor
+    grad_cov: torch.Tensor | LowRankFactor
     grad_mean: torch.Tensor | None
     num_tokens: int
     num_examples: int
@@ -67,6 +70,50 @@ class LayerStats:
     @property
     def d_out(self) -> int:
         return self.weight_shape[0]
+
+    @property
+    def is_sketched(self) -> bool:
+        return isinstance(self.act_cov, LowRankFactor) or isinstance(self.grad_cov, LowRankFactor)
+
+    def numel(self) -> int:
+        """Floats held by the statistics (`d^2` per dense factor, `d k + k` per sketch, `M`)."""
+        total = sum(factor.numel() for factor in (self.act_cov, self.grad_cov))
+        return total + (self.grad_mean.numel() if self.grad_mean is not None else 0)
+
+    def dense(self, device: torch.device | str | None = None) -> DenseLayerStats:
+        """These statistics with both factors as dense float32 matrices on `device` (default: where
+        they are). Dense statistics already there are returned as they are (no copy)."""
+        if isinstance(self, DenseLayerStats) and (device is None or self.act_cov.device == torch.device(device)):
+            return self
+
+        def densify(factor: torch.Tensor | LowRankFactor) -> torch.Tensor:
+            if isinstance(factor, LowRankFactor):
+                return factor.dense(torch.float32, device)
+            return factor if device is None else factor.to(device)
+
+        return DenseLayerStats(
+            act_cov=densify(self.act_cov),
+            grad_cov=densify(self.grad_cov),
+            grad_mean=self.grad_mean if self.grad_mean is None or device is None else self.grad_mean.to(device),
+            num_tokens=self.num_tokens,
+            num_examples=self.num_examples,
+            layer_type=self.layer_type,
+            weight_shape=self.weight_shape,
+            fingerprint=self.fingerprint,
+        )
+
+
+@dataclass
+class DenseLayerStats(LayerStats):
+    """`LayerStats` whose factors are dense tensors (what the initializers see)."""
+
+    act_cov: torch.Tensor
+    grad_cov: torch.Tensor
+
+    def __post_init__(self) -> None:
+        for label, factor in (("act_cov", self.act_cov), ("grad_cov", self.grad_cov)):
+            if not isinstance(factor, torch.Tensor):
+                raise TypeError(f"DenseLayerStats.{label} must be a tensor, got {type(factor).__name__}")
 
 
 @dataclass
@@ -115,6 +162,7 @@ class FisherStats(Mapping[str, LayerStats]):
                     "weight_shape": list(layer.weight_shape),
                     "fingerprint": layer.fingerprint,
                     "has_grad_mean": layer.grad_mean is not None,
+                    **_factor_metadata(layer),
                 }
                 for name, layer in self.layers.items()
             },
@@ -126,8 +174,13 @@ class FisherStats(Mapping[str, LayerStats]):
 
         tensors: dict[str, torch.Tensor] = {}
         for name, layer in self.layers.items():
-            tensors[f"{name}::act_cov"] = layer.act_cov.detach().float().contiguous().cpu()
-            tensors[f"{name}::grad_cov"] = layer.grad_cov.detach().float().contiguous().cpu()
+            for label in ("act_cov", "grad_cov"):
+                factor = getattr(layer, label)
+                if isinstance(factor, LowRankFactor):
+                    tensors[f"{name}::{label}::eigenvectors"] = factor.eigenvectors.detach().float().contiguous().cpu()
+                    tensors[f"{name}::{label}::eigenvalues"] = factor.eigenvalues.detach().float().contiguous().cpu()
+                else:
+                    tensors[f"{name}::{label}"] = factor.detach().float().contiguous().cpu()
             if layer.grad_mean is not None:
                 tensors[f"{name}::grad_mean"] = layer.grad_mean.detach().float().contiguous().cpu()
         target = Path(path)
@@ -163,8 +216,8 @@ class FisherStats(Mapping[str, LayerStats]):
         layers = {}
         for name, info in meta["layers"].items():
             layers[name] = LayerStats(
-                act_cov=tensors[f"{name}::act_cov"],
-                grad_cov=tensors[f"{name}::grad_cov"],
+                act_cov=_load_factor(tensors, name, "act_cov", info),
+                grad_cov=_load_factor(tensors, name, "grad_cov", info),
                 grad_mean=tensors.get(f"{name}::grad_mean"),
                 num_tokens=int(info["num_tokens"]),
                 num_examples=int(info["num_examples"]),
@@ -180,3 +233,22 @@ class FisherStats(Mapping[str, LayerStats]):
             model_dtype=meta.get("model_dtype", "torch.float32"),
             world_size=int(meta.get("world_size", 1)),
         )
+
+
+def _factor_metadata(layer: LayerStats) -> dict[str, Any]:
+    # Only sketched factors add keys: files of dense statistics are unchanged (readable by older versions).
+    sketched = {}
+    for label in ("act_cov", "grad_cov"):
+        factor = getattr(layer, label)
+        if isinstance(factor, LowRankFactor):
+            sketched[label] = {"trace": factor.trace}
+    return {"low_rank": sketched} if sketched else {}
+
+
+def _load_factor(tensors: dict[str, torch.Tensor], name: str, label: str,
+                 info: dict[str, Any]) -> torch.Tensor | LowRankFactor:
+    low_rank = info.get("low_rank", {}).get(label)
+    if low_rank is None:
+        return tensors[f"{name}::{label}"]
+    return LowRankFactor(eigenvectors=tensors[f"{name}::{label}::eigenvectors"],
+                         eigenvalues=tensors[f"{name}::{label}::eigenvalues"], trace=float(low_rank["trace"]))

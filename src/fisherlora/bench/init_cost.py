@@ -1,0 +1,143 @@
+"""`fisherlora bench-init`: the cost of each initialization on the same calibration batches.
+
+Measures, in one run and round-robin over repeats (so machine noise hits every method alike),
+the wall time and peak resident memory of building the initialized LoRA model for each method,
+and prints medians plus ratios against PEFT's LoRA-GA and against one epoch of the benchmark's
+training on the same task.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from ..config import FisherConfig
+from .baselines import AdapterSpec, build_model
+from .cost import measure
+from .provenance import git_state, machine, versions
+from .results import clean_for_json
+
+DEFAULT_METHODS = ["pissa", "eva", "corda", "lora_ga", "fisher_svd", "fisher_select", "fisher_eig", "fisher_grad"]
+
+
+@dataclass
+class InitCostConfig:
+    """Attributes:
+        task: benchmark task whose model and data are used ("text" or "lm").
+        methods: methods to time (a `name@true` suffix selects the true Fisher).
+        calibration_batches, batch_size: the calibration data every method sees.
+        repeats: timed repetitions per method (median reported).
+        reference_epoch: also time one training epoch of the task's benchmark preset (same run).
+        task_options: overrides of the task's config.
+        fisher: settings of our methods (e.g. sketching).
+    """
+
+    task: str = "text"
+    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
+    calibration_batches: int = 32
+    batch_size: int = 16
+    repeats: int = 3
+    reference_epoch: bool = True
+    task_options: dict[str, Any] = field(default_factory=dict)
+    fisher: FisherConfig = field(default_factory=lambda: FisherConfig(progress=False))
+
+
+def _time_method(task: Any, method: str, calibration: list[Any], config: InitCostConfig) -> dict[str, float]:
+    base = task.model_factory(0)
+    spec = AdapterSpec(target_modules=task.target_modules, modules_to_save=task.modules_to_save,
+                       causal_lm=task.metric_name == "exact_match")
+    gc.collect()
+    with measure() as cost:
+        model = build_model(method, base, spec, calibration, replace(config.fisher, progress=False))
+    del model, base
+    gc.collect()
+    return {"seconds": cost.seconds, "peak_rss_mb": cost.peak_rss_mb, "extra_rss_mb": cost.extra_rss_mb}
+
+
+def _time_epoch(task: Any, preset_task: str) -> float:
+    from .presets import get_preset
+    from .runner import RunSpec, train, training_batches
+
+    plan = get_preset(preset_task).tasks[preset_task]
+    spec = RunSpec(task=preset_task, method="lora", seed=0, lr=plan.lrs[0], training=plan.training)
+    batches = training_batches(task, spec)
+    model = build_model("lora", task.model_factory(0), AdapterSpec(target_modules=task.target_modules,
+                                                                  modules_to_save=task.modules_to_save), [])
+    start = time.perf_counter()
+    train(model, batches, spec.lr, plan.training)
+    return time.perf_counter() - start
+
+
+def run_init_cost(config: InitCostConfig, out: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    """Time every method; return (and write to `out/init_cost_<task>.json`) medians and ratios."""
+    from tqdm.auto import tqdm
+
+    from .presets import get_preset
+    from .tasks import build_task
+
+    options = dict(config.task_options) or dict(get_preset(config.task).tasks[config.task].options)
+    task = build_task(config.task, **options)
+    calibration = task.calibration_loader(config.calibration_batches, config.batch_size, 0)
+    samples: dict[str, list[dict[str, float]]] = {method: [] for method in config.methods}
+    _time_method(task, "lora", calibration[:1], config)  # warm-up: first-call allocations and imports
+    with tqdm(total=config.repeats * len(config.methods), desc="init cost", unit="init") as bar:
+        for _ in range(config.repeats):
+            for method in config.methods:
+                samples[method].append(_time_method(task, method, calibration, config))
+                bar.update(1)
+    epoch_seconds = _time_epoch(task, config.task) if config.reference_epoch else None
+    medians = {
+        method: {key: statistics.median(sample[key] for sample in runs) for key in runs[0]}
+        for method, runs in samples.items()
+    }
+    reference = medians.get("lora_ga", {}).get("seconds")
+    for values in medians.values():
+        values["ratio_to_lora_ga"] = values["seconds"] / reference if reference else float("nan")
+        values["ratio_to_epoch"] = values["seconds"] / epoch_seconds if epoch_seconds else float("nan")
+    result = {
+        "task": config.task,
+        "calibration_batches": config.calibration_batches,
+        "batch_size": config.batch_size,
+        "repeats": config.repeats,
+        "epoch_seconds": epoch_seconds,
+        "medians": medians,
+        "samples": samples,
+        "task_options": options,
+        **git_state(),
+        "versions": versions(),
+        "machine": machine(),
+    }
+    if out is not None:
+        directory = Path(out)
+        directory.mkdir(parents=True, exist_ok=True)
+        target = directory / f"init_cost_{config.task}.json"
+        handle, temporary = tempfile.mkstemp(dir=directory, prefix=".init_cost.", suffix=".tmp")
+        with os.fdopen(handle, "w") as stream:
+            json.dump(clean_for_json(result), stream, indent=2)
+        os.replace(temporary, target)
+        markdown = directory / f"init_cost_{config.task}.md"
+        markdown.write_text(format_init_cost(result) + "\n")
+    return result
+
+
+def format_init_cost(result: dict[str, Any]) -> str:
+    epoch = result["epoch_seconds"]
+    lines = [
+        f"### initialization cost: task `{result['task']}`, {result['calibration_batches']} calibration batches "
+        f"x {result['batch_size']}, median of {result['repeats']} (round-robin); one training epoch of the "
+        f"benchmark: {'not measured' if epoch is None else f'{epoch:.1f} s'}",
+        "",
+        "| method | wall s (median) | x LoRA-GA | x one epoch | peak RSS MB | extra RSS MB |",
+        "|---|---|---|---|---|---|",
+    ]
+    for method, values in result["medians"].items():
+        lines.append(f"| {method} | {values['seconds']:.2f} | {values['ratio_to_lora_ga']:.2f} | "
+                     f"{values['ratio_to_epoch']:.3f} | {values['peak_rss_mb']:.0f} | {values['extra_rss_mb']:.0f} |")
+    return "\n".join(lines)

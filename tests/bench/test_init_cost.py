@@ -1,0 +1,32 @@
+"""`bench-init` on a tiny task: every method timed, ratios against LoRA-GA, files written."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from fisherlora.bench import init_cost
+from fisherlora.config import FisherConfig
+
+from .test_runner import tiny_task
+
+
+def test_init_cost_measures_every_method(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr("fisherlora.bench.tasks.build_task", lambda name, **options: tiny_task())
+    config = init_cost.InitCostConfig(task="text", methods=["lora_ga", "fisher_svd", "fisher_grad@true"],
+                                      calibration_batches=2, batch_size=4, repeats=2, reference_epoch=False,
+                                      task_options={"train_size": 16}, fisher=FisherConfig(progress=False))
+    result = init_cost.run_init_cost(config, tmp_path)
+    assert set(result["medians"]) == {"lora_ga", "fisher_svd", "fisher_grad@true"}
+    assert all(len(samples) == 2 for samples in result["samples"].values())
+    assert result["medians"]["lora_ga"]["ratio_to_lora_ga"] == pytest.approx(1.0)
+    for values in result["medians"].values():
+        assert values["seconds"] > 0 and values["peak_rss_mb"] > 0 and math.isnan(values["ratio_to_epoch"])
+    written = json.loads((tmp_path / "init_cost_text.json").read_text())
+    assert written["medians"]["lora_ga"]["ratio_to_epoch"] is None  # NaN is written as null: valid JSON
+    assert written["medians"]["fisher_svd"]["seconds"] == result["medians"]["fisher_svd"]["seconds"]
+    table = (tmp_path / "init_cost_text.md").read_text()
+    assert "| fisher_grad@true |" in table and "x LoRA-GA" in table

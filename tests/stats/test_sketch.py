@@ -1,0 +1,194 @@
+"""Low-rank (Nystrom) statistics: convergence to the exact factors, exactness at k = d, O(k d) size,
+initializers on sketched statistics, save/load, and layer groups (several passes over the data)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import fisherlora as fl
+from fisherlora.init.registry import INITIALIZERS, run_initializer
+from fisherlora.stats.collect import layer_groups
+from fisherlora.stats.linalg import symmetric_roots
+from fisherlora.stats.sketch import LowRankFactor, NystromSketch, layer_statistics_bytes
+from models import TinyMLP, pair_batches
+
+D_IN, HIDDEN, CLASSES = 12, 10, 6
+TARGETS = ["fc1", "fc2"]
+
+
+def model() -> TinyMLP:
+    torch.manual_seed(0)
+    return TinyMLP(d_in=D_IN, hidden=HIDDEN, classes=CLASSES)
+
+
+def data() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return pair_batches(count=3, batch_size=16, d_in=D_IN, classes=CLASSES)
+
+
+def collect(net: torch.nn.Module, batches, **options) -> fl.FisherStats:  # noqa: ANN001
+    config = fl.FisherConfig(progress=False, collect_grad_mean=True, **options)
+    return fl.collect_fisher(net, batches, config, target_modules=TARGETS)
+
+
+def relative_error(approximation: torch.Tensor, exact: torch.Tensor) -> float:
+    return float((approximation.double() - exact.double()).norm() / exact.double().norm())
+
+
+def test_sketched_factors_converge_and_are_exact_at_full_rank():
+    net, batches = model(), data()
+    exact = collect(net, batches)
+    errors: dict[tuple[str, str], list[float]] = {}
+    for k in (1, 2, 4, 8, D_IN):
+        sketched = collect(net, batches, sketch_threshold=1, sketch_rank=k)
+        for name in TARGETS:
+            for side in ("act_cov", "grad_cov"):
+                factor = getattr(sketched[name], side)
+                reference = getattr(exact[name], side)
+                assert isinstance(factor, LowRankFactor) and isinstance(reference, torch.Tensor)
+                assert factor.rank == min(k, factor.dim)
+                # the exact trace is kept whatever k (it sets the damping)
+                assert factor.trace == pytest.approx(float(reference.double().trace()), rel=1e-5)
+                errors.setdefault((name, side), []).append(relative_error(factor.dense(), reference))
+    for key, values in errors.items():
+        assert values[0] > 1e-2, (key, values)  # k = 1 is a real approximation
+        assert all(b <= a * 1.05 + 1e-6 for a, b in zip(values, values[1:], strict=False)), (key, values)
+        assert values[-1] < 1e-5, (key, values)  # k >= d: exact to float32 rounding
+        assert values[0] > 10 * values[-1]
+
+
+def test_low_rank_roots_match_dense_roots():
+    generator = torch.Generator().manual_seed(1)
+    rows = torch.randn(40, 9, generator=generator) * torch.logspace(0, -2, 9)
+    for k in (3, 9):
+        sketch = NystromSketch(9, k, seed=5, device="cpu")
+        sketch.add(rows[:25])
+        sketch.add(rows[25:])
+        factor = sketch.finalize(40)
+        reference = symmetric_roots(factor.dense(), 1e-2)
+        roots = factor.roots(1e-2)
+        assert roots.damping_added == pytest.approx(reference.damping_added, rel=1e-6)
+        assert torch.allclose(roots.root, reference.root, rtol=1e-6, atol=1e-8)
+        assert torch.allclose(roots.inverse_root, reference.inverse_root, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", sorted(name for name, init in INITIALIZERS.items() if init.needs_statistics))
+def test_initializers_on_sketched_statistics(method: str):
+    net, batches = model(), data()
+    exact = collect(net, batches)
+    full = collect(net, batches, sketch_threshold=1, sketch_rank=D_IN)  # k = d: exact
+    small = collect(net, batches, sketch_threshold=1, sketch_rank=3)
+    config = fl.FisherConfig(method=method, damping=1e-2)
+    weight = net.fc1.weight.detach()
+    reference = run_initializer(method, weight, exact["fc1"], 2, 2.0, config)
+    at_full = run_initializer(method, weight, full["fc1"], 2, 2.0, config)
+    for attribute in ("lora_a", "lora_b", "residual"):
+        assert relative_error(getattr(at_full, attribute), getattr(reference, attribute)) < 1e-4, attribute
+    assert at_full.captured_energy == pytest.approx(reference.captured_energy, rel=1e-4)
+    approximate = run_initializer(method, weight, small["fc1"], 2, 2.0, config)
+    assert torch.isfinite(approximate.lora_a).all() and torch.isfinite(approximate.lora_b).all()
+    product = 2.0 * approximate.lora_b.double() @ approximate.lora_a.double()
+    assert torch.allclose(approximate.residual.double() + product, weight.double(), atol=1e-5)
+
+
+def test_sketched_statistics_hold_o_kd_floats():
+    net = TinyMLP(d_in=40, hidden=30, classes=4)
+    batches = pair_batches(count=2, batch_size=8, d_in=40, classes=4)
+    k = 5
+    stats = fl.collect_fisher(net, batches, fl.FisherConfig(progress=False, sketch_threshold=8, sketch_rank=k),
+                              target_modules=TARGETS)
+    fc1, fc2 = stats["fc1"], stats["fc2"]
+    assert isinstance(fc1.act_cov, LowRankFactor) and isinstance(fc1.grad_cov, LowRankFactor)
+    assert fc1.act_cov.eigenvectors.shape == (40, k) and fc1.act_cov.eigenvalues.shape == (k,)
+    assert fc1.grad_cov.eigenvectors.shape == (30, k)
+    assert fc1.numel() == (40 + 30) * k + 2 * k  # instead of 40^2 + 30^2
+    assert fc1.act_cov.eigenvectors.dtype == torch.float32
+    # fc2: d_in = 30 is sketched, d_out = 4 <= threshold stays dense
+    assert isinstance(fc2.act_cov, LowRankFactor) and isinstance(fc2.grad_cov, torch.Tensor)
+    assert fc2.grad_cov.shape == (4, 4)
+    assert 4 * fc1.numel() == layer_statistics_bytes(30, 40, threshold=8, rank=k)
+    assert layer_statistics_bytes(30, 40) == 4 * (40 * 40 + 30 * 30)
+
+
+def test_sketched_statistics_save_and_load(tmp_path: Path):
+    net, batches = model(), data()
+    stats = collect(net, batches, sketch_threshold=HIDDEN, sketch_rank=4)  # fc1's A (d_in 12) only
+    assert isinstance(stats["fc1"].act_cov, LowRankFactor)
+    assert isinstance(stats["fc1"].grad_cov, torch.Tensor) and isinstance(stats["fc2"].act_cov, torch.Tensor)
+    stats.save(tmp_path / "stats.safetensors")
+    loaded = fl.FisherStats.load(tmp_path / "stats.safetensors")
+    original, again = stats["fc1"].act_cov, loaded["fc1"].act_cov
+    assert isinstance(original, LowRankFactor) and isinstance(again, LowRankFactor)
+    assert torch.equal(original.eigenvectors, again.eigenvectors)
+    assert torch.equal(original.eigenvalues, again.eigenvalues)
+    assert original.trace == again.trace
+    assert torch.equal(loaded["fc1"].grad_cov, stats["fc1"].grad_cov)  # type: ignore[arg-type]
+    config = fl.FisherConfig(method="fisher_svd")
+    weight = net.fc1.weight.detach()
+    first = run_initializer("fisher_svd", weight, stats["fc1"], 2, 1.0, config)
+    second = run_initializer("fisher_svd", weight, loaded["fc1"], 2, 1.0, config)
+    assert torch.equal(first.lora_a, second.lora_a) and torch.equal(first.residual, second.residual)
+
+
+class CountingLoader:
+    """A re-iterable list of batches that counts its passes."""
+
+    def __init__(self, batches: list) -> None:
+        self.batches = batches
+        self.passes = 0
+
+    def __iter__(self):  # noqa: ANN204
+        self.passes += 1
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+@pytest.mark.parametrize("options", [{"fisher": "empirical"}, {"fisher": "true", "n_samples": 2},
+                                     {"fisher": "empirical", "sketch_threshold": 8, "sketch_rank": 4}],
+                         ids=["dense", "true-fisher", "sketched"])
+def test_layer_groups_give_the_same_statistics(options: dict):
+    net, batches = model(), data()
+    one_loader, two_loader = CountingLoader(batches), CountingLoader(batches)
+    one = collect(net, one_loader, **options)
+    two = collect(net, two_loader, layer_groups=2, **options)
+    assert one_loader.passes == 1 and two_loader.passes == 2
+    assert list(one) == list(two) == TARGETS and two.num_batches == one.num_batches == 3
+    for name in TARGETS:
+        for side in ("act_cov", "grad_cov", "grad_mean"):
+            first, second = getattr(one[name], side), getattr(two[name], side)
+            if isinstance(first, LowRankFactor):
+                assert isinstance(second, LowRankFactor)
+                first, second = first.dense(), second.dense()
+            assert torch.equal(first, second), (name, side)
+        assert one[name].num_tokens == two[name].num_tokens
+
+
+def test_layer_groups_need_a_reiterable_dataloader():
+    net, batches = model(), data()
+    with pytest.raises(ValueError, match="one-shot iterator"):
+        collect(net, (batch for batch in batches), layer_groups=2)
+    collect(net, (batch for batch in batches), layer_groups=1)  # one pass: a generator is fine
+
+
+def test_layer_groups_split_contiguously():
+    from fisherlora.peft import find_target_layers
+
+    net = torch.nn.Sequential(*[torch.nn.Linear(4, 4) for _ in range(5)])
+    targets = find_target_layers(net, target_modules=[str(i) for i in range(5)])
+    for count in (1, 2, 3, 5, 9):
+        groups = layer_groups(targets, fl.FisherConfig(layer_groups=count))
+        assert len(groups) == min(count, 5) and all(groups)
+        assert [t.name for group in groups for t in group] == [t.name for t in targets]
+
+
+def test_sketch_config_is_validated():
+    with pytest.raises(ValueError, match="sketch_rank"):
+        fl.FisherConfig(sketch_rank=0)
+    with pytest.raises(ValueError, match="layer_groups"):
+        fl.FisherConfig(layer_groups=0)
+    with pytest.raises(ValueError, match="sketch_threshold"):
+        fl.FisherConfig(sketch_threshold=0)
