@@ -25,6 +25,8 @@ def add_bench_commands(commands: Any) -> None:
     bench.add_argument("--label-column", default="label")
     bench.add_argument("--targets", nargs="+", default=None, help="LoRA target modules for --model")
     bench.add_argument("--no-report", action="store_true", help="do not write summary.md and plots at the end")
+    bench.add_argument("--threads", type=int, default=None,
+                       help="torch CPU threads (1 per process when running one process per seed)")
     bench.set_defaults(handler=command_bench)
 
     init_cost = commands.add_parser("bench-init", help="time each initialization on the same calibration batches")
@@ -66,6 +68,10 @@ def command_bench(args: argparse.Namespace) -> int:
     from .statistics import summarize
     from .tasks import build_task
 
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     preset = _byo_preset(args) if (args.model or args.data) else get_preset(args.preset)
     if args.lrs:
         for plan in preset.tasks.values():

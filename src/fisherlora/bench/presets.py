@@ -13,6 +13,9 @@ from ..config import FisherConfig
 from .runner import RunSpec, TrainingConfig
 
 BASELINE_METHODS = ["lora", "gaussian", "pissa", "olora", "eva", "corda", "lora_ga", "milora"]
+# Methods whose adapter starts at zero (B = 0) take larger learning rates than those that move
+# weight into the adapter (PiSSA-like, and every Fisher variant): the grid's third value differs.
+ZERO_START_METHODS = ["lora", "gaussian", "eva"]
 FISHER_METHODS = ["fisher_svd", "fisher_select", "fisher_eig", "fisher_grad", "fisher_svd@true", "fisher_grad@true"]
 ALL_METHODS = BASELINE_METHODS + FISHER_METHODS
 
@@ -65,9 +68,14 @@ class Preset:
 
 
 TEXT_SMALL = {"train_size": 768, "val_size": 300, "test_size": 500, "max_length": 48}
-TEXT_FULL = {"train_size": 2000, "val_size": 500, "test_size": 1000, "max_length": 64}
+TEXT_FULL = {"train_size": 1200, "val_size": 300, "test_size": 600, "max_length": 48}
 LM_FULL = {"train_size": 640, "val_size": 100, "test_size": 200, "max_length": 48}
 VISION_FULL = {"train_size": 1600, "val_size": 400, "test_size": 1000, "image_size": 64}
+
+
+def _third_lr(zero_start: float, residual: float) -> dict[str, list[float]]:
+    """Per-method third grid value: higher for zero-start methods, lower for the others."""
+    return {method: [zero_start if method in ZERO_START_METHODS else residual] for method in ALL_METHODS}
 
 
 def _presets() -> dict[str, Preset]:
@@ -78,9 +86,11 @@ def _presets() -> dict[str, Preset]:
                                  calibration_batch_size=8)
     vision_training = TrainingConfig(rank=8, alpha=16, batch_size=32, epochs=1, calibration_batches=8,
                                      calibration_batch_size=32)
-    text_full = TaskPlan(lrs=[1e-3, 3e-3, 1e-2], training=text_full_training, options=TEXT_FULL)
-    lm_full = TaskPlan(lrs=[3e-4, 1e-3, 3e-3], training=lm_training, options=LM_FULL)
-    vision_full = TaskPlan(lrs=[1e-3, 3e-3, 1e-2], training=vision_training, options=VISION_FULL)
+    text_full = TaskPlan(lrs=[1e-3, 3e-3], training=text_full_training, options=TEXT_FULL,
+                         method_lrs=_third_lr(1e-2, 3e-4))
+    lm_full = TaskPlan(lrs=[3e-4, 1e-3], training=lm_training, options=LM_FULL, method_lrs=_third_lr(3e-3, 1e-4))
+    vision_full = TaskPlan(lrs=[1e-3, 3e-3], training=vision_training, options=VISION_FULL,
+                           method_lrs=_third_lr(1e-2, 3e-4))
     return {
         "quick": Preset(
             name="quick",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
@@ -46,7 +47,17 @@ class ResultsFile:
         return {record["run_id"] for record in self.records() if "run_id" in record}
 
     def append(self, record: dict[str, Any]) -> None:
+        """Add one record. An exclusive lock on `runs.jsonl.lock` lets several benchmark
+        processes (e.g. one per seed) share the file without losing a line."""
         self.directory.mkdir(parents=True, exist_ok=True)
+        with open(self.directory / "runs.jsonl.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                self._append_locked(record)
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _append_locked(self, record: dict[str, Any]) -> None:
         existing = self.path.read_text() if self.path.exists() else ""
         if existing and not existing.endswith("\n"):
             existing += "\n"
