@@ -123,3 +123,21 @@ def test_loss_plot_with_wide_range_uses_log_axis(tmp_path: Path) -> None:
     (summary,) = summarize(runs)
     path = plot_loss_curves(summary, tmp_path / "curves.png")
     assert path.read_bytes().startswith(PNG_MAGIC)
+
+
+def test_readme_section_is_generated_from_the_runs(tmp_path: Path):
+    import shutil
+
+    from fisherlora.bench.report import update_readme
+
+    results = tmp_path / "results" / "fixture"
+    results.mkdir(parents=True)
+    shutil.copy(Path(__file__).parent / "fixtures" / "runs.jsonl", results / "runs.jsonl")
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- results:fixture:start -->\nold\n<!-- results:fixture:end -->\noutro\n")
+    update_readme(readme, results)
+    text = readme.read_text()
+    assert text.startswith("intro\n") and text.endswith("outro\n") and "old" not in text
+    assert "| method |" in text and "results/fixture/metric_" in text
+    with pytest.raises(ValueError, match="has no section <!-- results:other:start -->"):
+        update_readme(readme, tmp_path / "other")

@@ -41,6 +41,8 @@ def add_bench_commands(commands: Any) -> None:
 
     report = commands.add_parser("report", help="turn RESULTS_DIR/runs.jsonl into summary.md and plots")
     report.add_argument("results_dir")
+    report.add_argument("--readme", default=None,
+                        help="also fill the README section <!-- results:NAME:start/end --> (NAME: the folder's name)")
     report.set_defaults(handler=command_report)
 
 
@@ -108,6 +110,10 @@ def command_report(args: argparse.Namespace) -> int:
     path = write_report(args.results_dir)
     print(format_table(summarize(load_runs(args.results_dir))))
     print(f"wrote {path}")
+    if args.readme:
+        from .report import update_readme
+
+        print(f"updated {update_readme(args.readme, args.results_dir)}")
     return 0
 
 
