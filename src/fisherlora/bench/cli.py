@@ -37,6 +37,7 @@ def add_bench_commands(commands: Any) -> None:
     init_cost.add_argument("--repeats", type=int, default=3)
     init_cost.add_argument("--no-epoch", action="store_true", help="skip timing one training epoch")
     init_cost.add_argument("--out", default="results/init_cost")
+    init_cost.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     init_cost.set_defaults(handler=command_init_cost)
 
     report = commands.add_parser("report", help="turn RESULTS_DIR/runs.jsonl into summary.md and plots")
@@ -119,6 +120,11 @@ def command_report(args: argparse.Namespace) -> int:
 
 def command_init_cost(args: argparse.Namespace) -> int:
     from .init_cost import DEFAULT_METHODS, InitCostConfig, format_init_cost, run_init_cost
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
 
     config = InitCostConfig(task=args.task, methods=args.methods or list(DEFAULT_METHODS),
                             calibration_batches=args.batches, batch_size=args.batch_size, repeats=args.repeats,
