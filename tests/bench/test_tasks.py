@@ -265,3 +265,13 @@ def test_pointwise_conv_swap_keeps_outputs() -> None:
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(swapped(x), reference(x))
+
+
+@pytest.mark.integration
+def test_vision_batchnorm_stays_frozen(vision_task: tasks.Task) -> None:
+    model = vision_task.model_factory(0).train()
+    before = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+    assert before and model.training and model.classifier.training
+    model(**next(iter(vision_task.train_loader(batch_size=4, seed=0))))
+    after = model.state_dict()
+    assert all(torch.equal(value, after[key]) for key, value in before.items())

@@ -180,10 +180,7 @@ def list_tasks() -> list[str]:
 def task_config(name: str, **overrides: Any) -> Any:
     """The config dataclass of task ``name`` with defaults replaced by ``overrides``."""
     spec = _spec(name)
-    valid = {f.name for f in fields(spec.config_cls)}
-    unknown = sorted(set(overrides) - valid)
-    if unknown:
-        raise ValueError(f"task {name!r} has no config field(s) {unknown}; valid fields: {sorted(valid)}")
+    _check_fields(spec, overrides)
     try:
         return spec.config_cls(**overrides)
     except TypeError as error:  # a required field (e.g. csv's model_dir) is missing
@@ -198,6 +195,7 @@ def build_task(name: str, config: Any = None, **overrides: Any) -> Task:
     else:
         if not isinstance(config, spec.config_cls):
             raise ValueError(f"task {name!r} wants a {spec.config_cls.__name__}, got {type(config).__name__}")
+        _check_fields(spec, overrides)
         config = replace(typing.cast(Any, config), **overrides)
     return spec.builder(config)
 
@@ -206,6 +204,13 @@ def _spec(name: str) -> TaskSpec:
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; registered tasks: {list_tasks()}")
     return TASKS[name]
+
+
+def _check_fields(spec: TaskSpec, overrides: dict[str, Any]) -> None:
+    valid = {f.name for f in fields(spec.config_cls)}
+    unknown = sorted(set(overrides) - valid)
+    if unknown:
+        raise ValueError(f"task {spec.name!r} has no config field(s) {unknown}; valid fields: {sorted(valid)}")
 
 
 # ----------------------------------------------------------------------------- shared helpers
@@ -307,7 +312,9 @@ class TextTaskConfig:
 
     The data are split once by ``split_seed`` into 80/10/10 pools; each ``*_size`` takes the
     first examples of its pool, so the test set does not change with ``train_size``.
-    Defaults: one epoch at batch 32 takes about a minute on 2 CPU cores.
+    Measured at the defaults (LoRA r=8 on query/value, batch 32, 63 steps): one training
+    epoch 36 s with 2 torch threads, 65 s with 1; val + test evaluation 10 s / 21 s. Test
+    accuracy 0.73 after one epoch at LR 1e-3 (majority class: 0.58).
     """
 
     train_size: int = 2000
@@ -390,9 +397,11 @@ def load_sequence_classifier(model_dir: str | Path, num_labels: int) -> nn.Modul
         model = AutoModelForSequenceClassification.from_pretrained(
             model_dir, num_labels=num_labels, local_files_only=True
         )
-    if model.config.pad_token_id is None and getattr(model.config, "eos_token_id", None) is not None:
-        # Decoder-only classifiers pool at the last non-pad token and need a pad id to find it.
-        model.config.pad_token_id = model.config.eos_token_id
+    eos = getattr(model.config, "eos_token_id", None)
+    if model.config.pad_token_id is None and eos is not None:
+        # Decoder-only classifiers pool at the last non-pad token and need a pad id to find it
+        # (the tokenizer pads with EOS too, see sequence_classification_task).
+        model.config.pad_token_id = eos[0] if isinstance(eos, list) else eos
     return model
 
 
@@ -532,11 +541,14 @@ class LMTaskConfig:
     """SmolLM2-135M-Instruct learns a procedural generation task (see ``bench.data``).
 
     ``kind``: "sort" or "reverse" (:func:`data.word_list_problems`: rearrange 3-5 words), or
-    "arithmetic" (:func:`data.arithmetic_problems` with ``ops`` and ``max_operand``; the
-    Q4_1 SmolLM2 is very weak at it). All problems are
-    split by ``split_seed`` into 80/10/10 pools, so train/val/test never share a problem.
+    "arithmetic" (:func:`data.arithmetic_problems` with ``ops`` and ``max_operand``; the Q4_1
+    SmolLM2 is very weak at it). All problems are split by ``split_seed`` into 80/10/10
+    pools, so train/val/test never share a problem.
     ``max_length`` bounds prompt + answer + EOS tokens (a longer example is an error, never
     truncated); evaluation generates greedily and scores exact match of the answer string.
+    Measured at the defaults (LoRA r=8 on q/v, batch 8, 100 steps, 1 torch thread): one
+    epoch 111 s; greedy evaluation of 200 prompts ~15 s. Exact match 0.0 before training,
+    0.46 (test) after one epoch at LR 3e-3.
     """
 
     kind: str = "sort"
@@ -574,6 +586,7 @@ def smollm2_dir() -> Path:
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         temporary = Path(tempfile.mkdtemp(prefix=f".{SMOLLM2_CACHE_NAME}-", dir=target.parent))
+        temporary.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
         try:
             model.save_pretrained(temporary)
             tokenizer.save_pretrained(temporary)
@@ -655,11 +668,15 @@ def left_pad(sequences: list[list[int]], pad_token_id: int) -> Batch:
 
 
 def answer_text(tokenizer: Any, ids: Sequence[int]) -> str:
-    """Decoded answer up to the first EOS, special tokens dropped, whitespace stripped."""
+    """Decoded answer: tokens up to the first EOS, text up to the first newline, stripped.
+
+    Applied to both the reference and the generation, so a model that writes the answer and
+    then a newline instead of EOS still matches (answers never contain newlines).
+    """
     ids = list(ids)
     if tokenizer.eos_token_id in ids:
         ids = ids[: ids.index(tokenizer.eos_token_id)]
-    return str(tokenizer.decode(ids, skip_special_tokens=True)).strip()
+    return str(tokenizer.decode(ids, skip_special_tokens=True)).split("\n", 1)[0].strip()
 
 
 def exact_match_evaluator(tokenizer: Any) -> Callable[[nn.Module, Iterable[Batch]], float]:
@@ -748,7 +765,11 @@ class VisionTaskConfig:
     the network downsamples 32x, so 64 leaves a 2x2 final map while costing ~1/12 of the
     224x224 compute), repeated to 3 channels and normalized as ``(x - 0.5) / 0.5``. Train and
     val come from the 60k training file (split by ``split_seed``, 90/10), test from the 10k
-    test file. ``target_modules`` ``None``: every pointwise (1x1, groups == 1) convolution.
+    test file. ``target_modules`` ``None``: every pointwise (1x1, groups == 1) convolution
+    (the new head is trained in full through ``modules_to_save``, so it is not a LoRA target).
+    ``freeze_batchnorm``: see :class:`ImageClassifier`. Measured at the defaults (LoRA r=8,
+    batch 32, 63 steps, 1 torch thread): one epoch 33 s, val + test evaluation 11 s; test
+    accuracy 0.77 after one epoch at LR 1e-3 (0.64 with BatchNorm left trainable).
     """
 
     train_size: int = 2000
@@ -756,6 +777,7 @@ class VisionTaskConfig:
     test_size: int = 1000
     image_size: int = 64
     split_seed: int = 0
+    freeze_batchnorm: bool = True
     target_modules: tuple[str, ...] | None = None
 
 
@@ -765,13 +787,28 @@ class ImageClassifier(nn.Module):
     ``forward(pixel_values (B, 3, H, W), labels (B,) | None)`` returns a transformers
     ``SequenceClassifierOutput`` with ``logits`` ``(B, num_labels)`` and the mean
     cross-entropy ``loss`` when ``labels`` are given.
+
+    ``freeze_batchnorm``: BatchNorm layers stay in eval mode even under ``.train()``, so they
+    normalize with the pretrained running statistics and never update them. Otherwise any
+    forward pass in train mode (a Fisher calibration pass included) would silently change
+    the "frozen" base model, differently per method, and a saved LoRA adapter would not
+    carry the drifted statistics.
     """
 
-    def __init__(self, backbone: nn.Module, num_features: int, num_labels: int) -> None:
+    def __init__(self, backbone: nn.Module, num_features: int, num_labels: int, freeze_batchnorm: bool = True) -> None:
         super().__init__()
         self.backbone = backbone
         self.classifier = nn.Linear(num_features, num_labels)
         self.num_labels = num_labels
+        self.freeze_batchnorm = freeze_batchnorm
+
+    def train(self, mode: bool = True) -> ImageClassifier:
+        super().train(mode)
+        if self.freeze_batchnorm:
+            for module in self.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
+        return self
 
     def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None, **_: Any) -> Any:
         from transformers.modeling_outputs import SequenceClassifierOutput
@@ -868,7 +905,7 @@ def build_vision_task(config: VisionTaskConfig) -> Task:
         return [(images[i], int(labels[i])) for i in indices]
 
     num_labels = len(data.FASHION_MNIST_CLASSES)
-    template = ImageClassifier(load_efficientnet_lite0(config.image_size), 1280, num_labels)
+    template = ImageClassifier(load_efficientnet_lite0(config.image_size), 1280, num_labels, config.freeze_batchnorm)
     targets = list(config.target_modules) if config.target_modules else pointwise_conv_names(template)
 
     def factory(seed: int = 0) -> nn.Module:
@@ -892,9 +929,3 @@ def build_vision_task(config: VisionTaskConfig) -> Task:
         label_names=list(data.FASHION_MNIST_CLASSES),
     )
 
-
-__all__ = [
-    "TASKS", "Batch", "CsvTaskConfig", "ImageClassifier", "LMTaskConfig", "Task", "TaskSpec",
-    "TextTaskConfig", "VisionTaskConfig", "build_task", "list_tasks", "register_task", "task_config",
-    "cache_dir",
-]
