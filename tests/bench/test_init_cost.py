@@ -16,11 +16,13 @@ from .test_runner import tiny_task
 
 def test_init_cost_measures_every_method(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr("fisherlora.bench.tasks.build_task", lambda name, **options: tiny_task())
-    config = init_cost.InitCostConfig(task="text", methods=["lora_ga", "fisher_svd", "fisher_grad@true"],
+    methods = ["lora_ga", "fisher_svd", "fisher_grad@true", "fisher_svd+sketch"]
+    config = init_cost.InitCostConfig(task="text", methods=methods,
                                       calibration_batches=2, batch_size=4, repeats=2, reference_epoch=False,
-                                      task_options={"train_size": 16}, fisher=FisherConfig(progress=False))
+                                      task_options={"train_size": 16}, fisher=FisherConfig(progress=False),
+                                      sketch_rank=4, sketch_threshold=8)
     result = init_cost.run_init_cost(config, tmp_path)
-    assert set(result["medians"]) == {"lora_ga", "fisher_svd", "fisher_grad@true"}
+    assert set(result["medians"]) == {"lora_ga", "fisher_svd", "fisher_grad@true", "fisher_svd+sketch"}
     assert all(len(samples) == 2 for samples in result["samples"].values())
     assert result["medians"]["lora_ga"]["ratio_to_lora_ga"] == pytest.approx(1.0)
     for values in result["medians"].values():

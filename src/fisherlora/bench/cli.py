@@ -38,6 +38,8 @@ def add_bench_commands(commands: Any) -> None:
     init_cost.add_argument("--no-epoch", action="store_true", help="skip timing one training epoch")
     init_cost.add_argument("--out", default="results/init_cost")
     init_cost.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    init_cost.add_argument("--sketch-rank", type=int, default=64, help="k of the NAME+sketch methods")
+    init_cost.add_argument("--sketch-threshold", type=int, default=256, help="sketch factors larger than this")
     init_cost.set_defaults(handler=command_init_cost)
 
     report = commands.add_parser("report", help="turn RESULTS_DIR/runs.jsonl into summary.md and plots")
@@ -128,6 +130,7 @@ def command_init_cost(args: argparse.Namespace) -> int:
 
     config = InitCostConfig(task=args.task, methods=args.methods or list(DEFAULT_METHODS),
                             calibration_batches=args.batches, batch_size=args.batch_size, repeats=args.repeats,
-                            reference_epoch=not args.no_epoch)
+                            reference_epoch=not args.no_epoch, sketch_rank=args.sketch_rank,
+                            sketch_threshold=args.sketch_threshold)
     print(format_init_cost(run_init_cost(config, args.out)))
     return 0

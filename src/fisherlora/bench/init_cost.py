@@ -36,7 +36,9 @@ class InitCostConfig:
         repeats: timed repetitions per method (median reported).
         reference_epoch: also time one training epoch of the task's benchmark preset (same run).
         task_options: overrides of the task's config.
-        fisher: settings of our methods (e.g. sketching).
+        fisher: settings of our methods.
+        sketch_rank, sketch_threshold: a method named `NAME+sketch` runs `NAME` with factors
+            larger than `sketch_threshold` kept as rank-`sketch_rank` Nystrom sketches.
     """
 
     task: str = "text"
@@ -47,15 +49,25 @@ class InitCostConfig:
     reference_epoch: bool = True
     task_options: dict[str, Any] = field(default_factory=dict)
     fisher: FisherConfig = field(default_factory=lambda: FisherConfig(progress=False))
+    sketch_rank: int = 64
+    sketch_threshold: int = 256
+
+
+def _fisher_for(method: str, config: InitCostConfig) -> tuple[str, FisherConfig]:
+    if method.endswith("+sketch"):
+        return method[: -len("+sketch")], replace(config.fisher, progress=False, sketch_rank=config.sketch_rank,
+                                                 sketch_threshold=config.sketch_threshold)
+    return method, replace(config.fisher, progress=False)
 
 
 def _time_method(task: Any, method: str, calibration: list[Any], config: InitCostConfig) -> dict[str, float]:
     base = task.model_factory(0)
     spec = AdapterSpec(target_modules=task.target_modules, modules_to_save=task.modules_to_save,
                        causal_lm=task.metric_name == "exact_match")
+    name, fisher = _fisher_for(method, config)
     gc.collect()
     with measure() as cost:
-        model = build_model(method, base, spec, calibration, replace(config.fisher, progress=False))
+        model = build_model(name, base, spec, calibration, fisher)
     del model, base
     gc.collect()
     return {"seconds": cost.seconds, "peak_rss_mb": cost.peak_rss_mb, "extra_rss_mb": cost.extra_rss_mb}
@@ -110,6 +122,7 @@ def run_init_cost(config: InitCostConfig, out: str | os.PathLike[str] | None = N
         "medians": medians,
         "samples": samples,
         "task_options": options,
+        "sketch": {"rank": config.sketch_rank, "threshold": config.sketch_threshold},
         **git_state(),
         "versions": versions(),
         "machine": machine(),
