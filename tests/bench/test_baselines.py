@@ -7,14 +7,14 @@ import copy
 import pytest
 import torch
 
-from fisherlora.bench.baselines import AdapterSpec, build_model, known_methods, split_method
+from fisherlora.bench.baselines import AdapterSpec, build_model, known_methods, sketch_rank_of, split_method
 from fisherlora.config import FisherConfig
 from models import text_batches, tiny_bert
 
 SPEC = AdapterSpec(rank=2, alpha=4, target_modules=["query", "value"], modules_to_save=["classifier"])
 
 
-@pytest.mark.parametrize("method", [*known_methods(), "fisher_svd@true"])
+@pytest.mark.parametrize("method", [*known_methods(), "fisher_svd@true", "fisher_svd+sketch4@true"])
 def test_every_method_keeps_the_base_function(method: str):
     base = tiny_bert()
     batches = text_batches()
@@ -32,7 +32,11 @@ def test_every_method_keeps_the_base_function(method: str):
 
 def test_method_names_are_checked():
     assert split_method("fisher_grad@true") == ("fisher_grad", "true")
+    assert split_method("fisher_svd+sketch64@true") == ("fisher_svd", "true")
+    assert sketch_rank_of("fisher_svd+sketch64") == 64 and sketch_rank_of("fisher_svd") is None
+    with pytest.raises(ValueError, match=r"\+sketchK"):
+        sketch_rank_of("fisher_svd+sketch")
     with pytest.raises(ValueError, match="unknown method 'nope'"):
         build_model("nope", tiny_bert(), SPEC, [])
-    with pytest.raises(ValueError, match="PEFT baselines take no Fisher type"):
+    with pytest.raises(ValueError, match="PEFT baselines take no Fisher type or sketch"):
         build_model("pissa@true", tiny_bert(), SPEC, [])

@@ -1,7 +1,8 @@
 """Build a LoRA model initialized by any method: PEFT's own baselines through PEFT's own code,
 `milora` and the Fisher variants through fisherlora. One function per method, in one registry.
 
-A method name may carry a Fisher type: `fisher_svd@true` is `fisher_svd` with the true Fisher.
+A method name may carry a Fisher type: `fisher_svd@true` is `fisher_svd` with the true Fisher,
+and a sketch: `fisher_svd+sketch64` keeps every factor wider than 64 as a rank-64 Nystrom sketch.
 """
 
 from __future__ import annotations
@@ -59,9 +60,20 @@ def register_builder(name: str) -> Callable[[Builder], Builder]:
 
 
 def split_method(method: str) -> tuple[str, str]:
-    """`"fisher_svd@true"` -> `("fisher_svd", "true")`; no suffix means the empirical Fisher."""
+    """`"fisher_svd@true"` -> `("fisher_svd", "true")`; no suffix means the empirical Fisher.
+    A `+sketchK` part is dropped here (see `sketch_rank_of`)."""
     name, _, fisher = method.partition("@")
-    return name, fisher or "empirical"
+    return name.partition("+")[0], (fisher.partition("+")[0] or "empirical")
+
+
+def sketch_rank_of(method: str) -> int | None:
+    """`"fisher_svd+sketch64"` -> 64; None without a `+sketchK` part."""
+    if "+sketch" not in method:
+        return None
+    digits = method.split("+sketch", 1)[1].partition("@")[0]
+    if not digits.isdigit() or int(digits) < 1:
+        raise ValueError(f"method {method!r}: write the sketch rank as +sketchK, e.g. fisher_svd+sketch64")
+    return int(digits)
 
 
 def known_methods() -> list[str]:
@@ -87,11 +99,14 @@ def build_model(method: str, base: nn.Module, spec: AdapterSpec, calibration: Se
     if fisher not in ("empirical", "true"):
         raise ValueError(f"method {method!r}: the suffix after '@' must be 'empirical' or 'true'")
     if name in BUILDERS:
-        if "@" in method:
-            raise ValueError(f"method {method!r}: PEFT baselines take no Fisher type")
+        if "@" in method or "+" in method:
+            raise ValueError(f"method {method!r}: PEFT baselines take no Fisher type or sketch")
         return BUILDERS[name](base, spec, calibration, fisher_config or FisherConfig())
     if name in INITIALIZERS:
         config = replace(fisher_config or FisherConfig(), method=name, fisher=fisher)
+        sketch_rank = sketch_rank_of(method)
+        if sketch_rank is not None:
+            config = replace(config, sketch_rank=sketch_rank, sketch_threshold=sketch_rank)
         return _build_ours(base, spec, calibration, config)
     raise ValueError(f"unknown method {method!r}; choose from {known_methods()}")
 

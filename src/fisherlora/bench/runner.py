@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..config import FisherConfig
-from .baselines import AdapterSpec, build_model, split_method
+from .baselines import AdapterSpec, build_model, sketch_rank_of, split_method
 from .cost import measure
 from .provenance import git_state, machine, versions
 from .results import ResultsFile
@@ -319,8 +319,10 @@ def _statistics_mb(spec: RunSpec, model: nn.Module) -> float:
     total = 0
     for target in find_target_layers(model):
         d_out, d_in = weight_matrix(target.weight_module, target.layer_type).shape
-        total += layer_statistics_bytes(int(d_out), int(d_in), spec.fisher.sketch_threshold, spec.fisher.sketch_rank,
-                                        INITIALIZERS[name].needs_grad_mean)
+        sketch = sketch_rank_of(spec.method)
+        threshold, rank = (sketch, sketch) if sketch is not None else (spec.fisher.sketch_threshold,
+                                                                       spec.fisher.sketch_rank)
+        total += layer_statistics_bytes(int(d_out), int(d_in), threshold, rank, INITIALIZERS[name].needs_grad_mean)
     return total / 2**20
 
 
