@@ -150,3 +150,18 @@ def _write_many(directory: str, worker: int) -> None:
     results = ResultsFile(directory)
     for index in range(20):
         results.append({"run_id": f"{worker}-{index}"})
+
+
+def test_a_run_finished_by_another_process_meanwhile_is_skipped(tmp_path: Path):
+    results = ResultsFile(tmp_path)
+    plan = specs(["lora", "pissa"], [1e-3])
+
+    class OtherProcessFinishes(CountingFactory):
+        def __call__(self, spec: RunSpec) -> Task:
+            # While this process runs "lora", another one appends "pissa".
+            results.append({"run_id": plan[1].run_id(), "method": "pissa"})
+            return super().__call__(spec)
+
+    factory = OtherProcessFinishes()
+    written = run_all(plan, results, factory, show_progress=False)
+    assert factory.calls == 1 and [record["method"] for record in written] == ["lora"]

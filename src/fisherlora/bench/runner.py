@@ -352,6 +352,10 @@ def run_all(specs: Sequence[RunSpec], results: ResultsFile, task_factory: Callab
     with tqdm(total=len(specs), initial=len(specs) - len(pending), desc="runs", unit="run",
               disable=not show_progress or rank != 0) as bar:
         for spec in pending:
+            if world == 1 and spec.run_id() in results.done_ids():
+                # Another process sharing the results folder finished it meanwhile.
+                bar.update(1)
+                continue
             record = execute(spec, task_factory(spec), show_progress and rank == 0)
             if world > 1:
                 record["world_size"] = world
