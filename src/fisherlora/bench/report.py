@@ -21,7 +21,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .statistics import MethodSummary, TaskSummary, summarize
+from .statistics import MethodSummary, TaskSummary, smooth, summarize
 
 RUNS_FILE = "runs.jsonl"
 SUMMARY_FILE = "summary.md"
@@ -273,14 +273,17 @@ def _loss_axis_scale(ax: Any, losses: Sequence[float]) -> None:
 
 def plot_loss_curves(summary: TaskSummary, path: Path) -> Path:
     """Mean training-loss curve per method at its best LR (baselines dashed, ours solid), LoRA's target dotted."""
-    fig = _new_figure(7.0, 4.5)
+    fig = _new_figure(8.0, 5.0)
     ax = fig.add_subplot(1, 1, 1)
     all_losses: list[float] = []
+    longest = max((len(m.mean_curve_steps) for m in summary.methods), default=0)
+    # Per-step losses of small batches are noisy; a trailing mean over ~1/8 of the run shows the trend.
+    window = max(1, longest // 8)
     for m in summary.methods:
         if not m.mean_curve_steps:
             continue
         ax.plot(
-            m.mean_curve_steps, m.mean_curve_loss, linestyle="--" if m.is_baseline else "-",
+            m.mean_curve_steps, smooth(m.mean_curve_loss, window), linestyle="--" if m.is_baseline else "-",
             label=f"{m.method} (LR {_fmt_lr(m.best_lr)}, n={len(m.seeds)})",
         )
         all_losses += [v for v in m.mean_curve_loss if math.isfinite(v)]
@@ -289,10 +292,11 @@ def plot_loss_curves(summary: TaskSummary, path: Path) -> Path:
     _loss_axis_scale(ax, all_losses)
     ax.set_xlabel("step")
     ax.set_ylabel("train loss (mean over seeds)")
-    ax.set_title(f"{summary.task} ({summary.preset}): training loss at each method's best LR")
+    ax.set_title(f"{summary.task} ({summary.preset}): training loss at each method's best LR "
+                 f"(trailing mean of {window} points)")
     ax.grid(True, which="both", alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7, ncol=2)
     _save_figure(fig, path)
     return path
 
