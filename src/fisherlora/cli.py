@@ -12,7 +12,7 @@ from .config import EIG_SCALES, FISHER_TYPES, GRAD_SCALES, FisherConfig
 def _add_fisher_arguments(parser: argparse.ArgumentParser) -> None:
     from .init.registry import INITIALIZERS
 
-    parser.add_argument("--method", default="fisher_svd", choices=sorted(INITIALIZERS))
+    parser.add_argument("--method", default=FisherConfig.method, choices=sorted(INITIALIZERS))
     parser.add_argument("--fisher", default="empirical", choices=FISHER_TYPES)
     parser.add_argument("--batches", type=int, default=32, help="calibration batches (default 32)")
     parser.add_argument("--samples", type=int, default=1, help="label draws per input for --fisher true")
