@@ -64,6 +64,10 @@ class ResultsFile:
         line = json.dumps(clean_for_json(record), sort_keys=True)
         handle, temporary = tempfile.mkstemp(dir=self.directory, prefix=".runs.", suffix=".tmp")
         try:
+            # mkstemp creates the file private (0600); give it the permissions of a normal file.
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(temporary, 0o666 & ~umask)
             with os.fdopen(handle, "w") as stream:
                 stream.write(existing + line + "\n")
                 stream.flush()
