@@ -67,7 +67,7 @@ class Preset:
         return specs
 
 
-TEXT_SMALL = {"train_size": 640, "val_size": 200, "test_size": 400, "max_length": 48}
+TEXT_SMALL = {"train_size": 768, "val_size": 200, "test_size": 400, "max_length": 48}
 TEXT_FULL = {"train_size": 1200, "val_size": 300, "test_size": 600, "max_length": 48}
 LM_FULL = {"train_size": 640, "val_size": 100, "test_size": 200, "max_length": 48}
 VISION_FULL = {"train_size": 1600, "val_size": 400, "test_size": 1000, "image_size": 64}
