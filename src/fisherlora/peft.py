@@ -5,8 +5,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import shutil
-import tempfile
 import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -17,6 +15,7 @@ import torch
 from torch import nn
 
 from .config import FisherConfig
+from .files import staged_directory
 from .init.registry import get_initializer, run_initializer
 from .stats.collect import TargetLayer
 from .stats.container import FisherStats, fingerprints_match, weight_fingerprint
@@ -310,30 +309,10 @@ def save_as_lora(model: nn.Module, out_dir: str | os.PathLike[str], adapter_name
         converted_b = torch.cat([scaling * trained_b, -scaling * initial_b], dim=1)
         state[f"{key}.lora_B.weight"] = converted_b.to(dtype).contiguous()
     config = _converted_config(peft_config)
-    target_dir = Path(out_dir)
-    target_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target_dir.parent, prefix=f".{target_dir.name}."))
-    try:
+    with staged_directory(out_dir) as staging:
         save_file({k: v.contiguous() for k, v in state.items()}, str(staging / "adapter_model.safetensors"),
                   metadata={"format": "pt"})
         config.save_pretrained(str(staging))
         (staging / "fisherlora.json").write_text(json.dumps({"converted_from_rank": peft_config.r,
                                                              "layers": sorted(initial)}, indent=2))
-        _replace_directory(staging, target_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return target_dir
-
-
-def _replace_directory(staging: Path, target: Path) -> None:
-    # Rename the finished folder into place; an existing one is moved aside first and removed
-    # only after the new one is in place, so an interruption never leaves neither.
-    if target.exists():
-        backup = target.with_name(f".{target.name}.old")
-        shutil.rmtree(backup, ignore_errors=True)
-        os.replace(target, backup)
-        os.replace(staging, target)
-        shutil.rmtree(backup, ignore_errors=True)
-    else:
-        os.replace(staging, target)
+    return Path(out_dir)

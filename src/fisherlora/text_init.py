@@ -4,9 +4,6 @@ initialized adapter, its residual base model and the statistics out."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,6 +12,7 @@ import torch
 
 from .api import collect_fisher, initialize_lora_fisher
 from .config import FisherConfig
+from .files import staged_directory
 
 
 @dataclass
@@ -131,10 +129,7 @@ def run_text_init(job: TextInitJob) -> dict[str, Any]:
     stats = collect_fisher(model, batches, job.fisher)
     reports = initialize_lora_fisher(model, stats, job.fisher)
 
-    out = Path(job.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
+    with staged_directory(job.out) as staging:
         stats.save(staging / "stats.safetensors")
         model.save_pretrained(str(staging / "adapter"))
         # The residual base without the LoRA wrappers: unload() restores plain modules in place.
@@ -150,15 +145,4 @@ def run_text_init(job: TextInitJob) -> dict[str, Any]:
             "layers": [asdict(report) for report in reports],
         }
         (staging / "report.json").write_text(json.dumps(summary, indent=2))
-        if out.exists():
-            backup = out.with_name(f".{out.name}.old")
-            shutil.rmtree(backup, ignore_errors=True)
-            os.replace(out, backup)
-            os.replace(staging, out)
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            os.replace(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return summary

@@ -12,13 +12,13 @@ import gc
 import json
 import os
 import statistics
-import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from ..config import FisherConfig
+from ..files import atomic_write_text
 from .baselines import AdapterSpec, build_model
 from .cost import measure
 from .provenance import git_state, machine, versions
@@ -154,14 +154,8 @@ def run_init_cost(config: InitCostConfig, out: str | os.PathLike[str] | None = N
     }
     if out is not None:
         directory = Path(out)
-        directory.mkdir(parents=True, exist_ok=True)
-        target = directory / f"init_cost_{config.task}.json"
-        handle, temporary = tempfile.mkstemp(dir=directory, prefix=".init_cost.", suffix=".tmp")
-        with os.fdopen(handle, "w") as stream:
-            json.dump(clean_for_json(result), stream, indent=2)
-        os.replace(temporary, target)
-        markdown = directory / f"init_cost_{config.task}.md"
-        markdown.write_text(format_init_cost(result) + "\n")
+        atomic_write_text(directory / f"init_cost_{config.task}.json", json.dumps(clean_for_json(result), indent=2))
+        atomic_write_text(directory / f"init_cost_{config.task}.md", format_init_cost(result) + "\n")
     return result
 
 

@@ -16,11 +16,11 @@ import json
 import math
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..files import atomic_write_bytes
 from .statistics import MethodSummary, TaskSummary, smooth, summarize
 
 RUNS_FILE = "runs.jsonl"
@@ -70,29 +70,6 @@ def load_runs(results_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
                 raise ValueError(f"{path}: line {lineno}: expected a JSON object, got {type(record).__name__}")
             runs.append(record)
     return runs
-
-
-def _umask() -> int:
-    """The process umask (read by setting and restoring it)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same folder and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file ordinary permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ----------------------------------------------------------------------------- formatting
@@ -247,7 +224,7 @@ def _save_figure(fig: Any, path: Path) -> None:
     """Render ``fig`` to PNG in memory and write it atomically."""
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
-    _atomic_write_bytes(path, buffer.getvalue())
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def _new_figure(width: float, height: float) -> Any:
@@ -342,7 +319,7 @@ def write_report(results_dir: str | os.PathLike[str], summaries: Iterable[TaskSu
         plot_loss_curves(summary, out / f"loss_curves_{label}.png")
         plot_metric(summary, out / f"metric_{label}.png")
     path = out / SUMMARY_FILE
-    _atomic_write_bytes(path, _markdown(runs, task_summaries).encode("utf-8"))
+    atomic_write_bytes(path, _markdown(runs, task_summaries).encode("utf-8"))
     return path
 
 
@@ -371,5 +348,5 @@ def update_readme(readme: str | os.PathLike[str], results_dir: str | os.PathLike
                         f"{readme_path.name}` from `{relative}/runs.jsonl`; full report: `{relative}/summary.md`."])
     before, rest = text.split(start, 1)
     after = rest.split(end, 1)[1]
-    _atomic_write_bytes(readme_path, f"{before}{start}\n{body}\n{end}{after}".encode())
+    atomic_write_bytes(readme_path, f"{before}{start}\n{body}\n{end}{after}".encode())
     return readme_path

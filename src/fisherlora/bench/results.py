@@ -6,9 +6,10 @@ import fcntl
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from ..files import atomic_write_text
 
 
 def clean_for_json(value: Any) -> Any:
@@ -62,17 +63,4 @@ class ResultsFile:
         if existing and not existing.endswith("\n"):
             existing += "\n"
         line = json.dumps(clean_for_json(record), sort_keys=True)
-        handle, temporary = tempfile.mkstemp(dir=self.directory, prefix=".runs.", suffix=".tmp")
-        try:
-            # mkstemp creates the file private (0600); give it the permissions of a normal file.
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(temporary, 0o666 & ~umask)
-            with os.fdopen(handle, "w") as stream:
-                stream.write(existing + line + "\n")
-                stream.flush()
-                os.fsync(stream.fileno())
-            os.replace(temporary, self.path)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
+        atomic_write_text(self.path, existing + line + "\n")

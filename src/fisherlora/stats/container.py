@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,6 +11,7 @@ from typing import Any
 
 import torch
 
+from ..files import atomic_write
 from .sketch import LowRankFactor
 
 FORMAT_VERSION = 1
@@ -183,16 +183,8 @@ class FisherStats(Mapping[str, LayerStats]):
                     tensors[f"{name}::{label}"] = factor.detach().float().contiguous().cpu()
             if layer.grad_mean is not None:
                 tensors[f"{name}::grad_mean"] = layer.grad_mean.detach().float().contiguous().cpu()
-        target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-        os.close(handle)
-        try:
-            save_file(tensors, temporary, metadata={"fisherlora": json.dumps(self.metadata())})
-            os.replace(temporary, target)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
+        metadata = {"fisherlora": json.dumps(self.metadata())}
+        atomic_write(path, lambda temporary: save_file(tensors, str(temporary), metadata=metadata))
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> FisherStats:
