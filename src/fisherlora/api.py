@@ -8,7 +8,7 @@ from typing import Any
 from torch import nn
 
 from .config import FisherConfig
-from .init.registry import get_initializer
+from .init.registry import INITIALIZERS, get_initializer
 from .peft import LayerReport, find_target_layers, write_adapters
 from .stats.collect import collect_statistics
 from .stats.container import FisherStats
@@ -53,14 +53,9 @@ def collect_fisher(
     targets = find_target_layers(model, adapter_name, target_modules)
     with_grad_mean = config.collect_grad_mean
     if with_grad_mean is None:
-        with_grad_mean = get_initializer(config.method).needs_grad_mean if config.method in _registered() else False
+        initializer = INITIALIZERS.get(config.method)
+        with_grad_mean = initializer is not None and initializer.needs_grad_mean
     return collect_statistics(model, targets, dataloader, config, loss_fn, sample_fn, with_grad_mean)
-
-
-def _registered() -> set[str]:
-    from .init.registry import INITIALIZERS
-
-    return set(INITIALIZERS)
 
 
 def initialize_lora_fisher(

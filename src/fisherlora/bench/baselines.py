@@ -76,6 +76,31 @@ def sketch_rank_of(method: str) -> int | None:
     return int(digits)
 
 
+def fisher_statistics_mb(model: nn.Module, method: str, fisher: FisherConfig) -> float | None:
+    """MiB of the data statistics one of our methods holds (A and G, dense or sketched, and M for
+    `fisher_grad`), from the model's layer shapes; None for a method that is not ours.
+
+    The sketch comes from a `+sketchK` suffix, else from `fisher.sketch_threshold/sketch_rank`.
+    """
+    from ..peft import find_target_layers
+    from ..stats.layers import weight_matrix
+    from ..stats.sketch import layer_statistics_bytes
+
+    name, _ = split_method(method)
+    if name not in INITIALIZERS:
+        return None
+    initializer = INITIALIZERS[name]
+    if not initializer.needs_statistics:
+        return 0.0
+    sketch = sketch_rank_of(method)
+    threshold, rank = (sketch, sketch) if sketch is not None else (fisher.sketch_threshold, fisher.sketch_rank)
+    total = 0
+    for target in find_target_layers(model):
+        d_out, d_in = (int(v) for v in weight_matrix(target.weight_module, target.layer_type).shape)
+        total += layer_statistics_bytes(d_out, d_in, threshold, rank, initializer.needs_grad_mean)
+    return total / 2**20
+
+
 def known_methods() -> list[str]:
     """Every name `build_model` accepts (without @true/@empirical suffixes)."""
     return [*PEFT_BASELINES, *INITIALIZERS]

@@ -19,7 +19,7 @@ from typing import Any
 
 from ..config import FisherConfig
 from ..files import atomic_write_text
-from .baselines import AdapterSpec, build_model
+from .baselines import AdapterSpec, build_model, fisher_statistics_mb
 from .cost import measure
 from .provenance import git_state, machine, versions
 from .results import clean_for_json
@@ -76,26 +76,15 @@ def _time_method(task: Any, method: str, calibration: list[Any], config: InitCos
 
 
 def _statistics_mb(model: Any, method: str, fisher: FisherConfig) -> float:
-    """Bytes held by the data statistics, from the layer shapes: A and G (dense or sketched, M
-    for fisher_grad) for ours, the accumulated weight gradient for LoRA-GA, NaN otherwise."""
-    from ..init.registry import INITIALIZERS
+    """MiB held by the data statistics: ours (see `fisher_statistics_mb`), the accumulated weight
+    gradient for LoRA-GA, NaN for the others."""
     from ..peft import find_target_layers
     from ..stats.layers import weight_matrix
-    from ..stats.sketch import layer_statistics_bytes
-    from .baselines import split_method
 
-    name, _ = split_method(method)
-    if name not in INITIALIZERS and name != "lora_ga":
-        return float("nan")
-    total = 0
-    for target in find_target_layers(model):
-        d_out, d_in = (int(v) for v in weight_matrix(target.weight_module, target.layer_type).shape)
-        if name == "lora_ga":
-            total += 4 * d_out * d_in
-        elif INITIALIZERS[name].needs_statistics:
-            total += layer_statistics_bytes(d_out, d_in, fisher.sketch_threshold, fisher.sketch_rank,
-                                            INITIALIZERS[name].needs_grad_mean)
-    return total / 2**20
+    if method == "lora_ga":
+        return sum(4 * weight_matrix(t.weight_module, t.layer_type).numel() for t in find_target_layers(model)) / 2**20
+    ours = fisher_statistics_mb(model, method, fisher)
+    return float("nan") if ours is None else ours
 
 
 def _time_epoch(task: Any, preset_task: str) -> float:

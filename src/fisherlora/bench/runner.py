@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..config import FisherConfig
-from .baselines import AdapterSpec, build_model, sketch_rank_of, split_method
+from .baselines import AdapterSpec, build_model, fisher_statistics_mb
 from .cost import measure
 from .provenance import git_state, machine, versions
 from .results import ResultsFile
@@ -271,8 +271,9 @@ def execute(spec: RunSpec, task: Any, show_progress: bool = True) -> dict[str, A
         seed_everything(spec.seed)
         with measure() as init_cost:
             model = build_model(spec.method, base, adapter, calibration, spec.fisher)
+        statistics_mb = fisher_statistics_mb(model, spec.method, spec.fisher) or 0.0
         record.update(init_seconds=init_cost.seconds, init_peak_rss_mb=init_cost.peak_rss_mb,
-                      init_extra_rss_mb=init_cost.extra_rss_mb, init_stats_mb=_statistics_mb(spec, model))
+                      init_extra_rss_mb=init_cost.extra_rss_mb, init_stats_mb=statistics_mb)
         batches = training_batches(task, spec)
         seed_everything(spec.seed)
         bar = tqdm(total=len(batches), desc=f"{spec.task} {spec.method} lr={spec.lr:g} s{spec.seed}",
@@ -303,27 +304,6 @@ def execute(spec: RunSpec, task: Any, show_progress: bool = True) -> dict[str, A
         gc.collect()
     record["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     return record
-
-
-def _statistics_mb(spec: RunSpec, model: nn.Module) -> float:
-    # The Fisher statistics' size (A, G and, when collected, M) for our methods; 0 for others.
-    name, _ = split_method(spec.method)
-    from ..init.registry import INITIALIZERS
-    from ..peft import find_target_layers
-    from ..stats.layers import weight_matrix
-
-    if name not in INITIALIZERS or not INITIALIZERS[name].needs_statistics:
-        return 0.0
-    from ..stats.sketch import layer_statistics_bytes
-
-    total = 0
-    for target in find_target_layers(model):
-        d_out, d_in = weight_matrix(target.weight_module, target.layer_type).shape
-        sketch = sketch_rank_of(spec.method)
-        threshold, rank = (sketch, sketch) if sketch is not None else (spec.fisher.sketch_threshold,
-                                                                       spec.fisher.sketch_rank)
-        total += layer_statistics_bytes(int(d_out), int(d_in), threshold, rank, INITIALIZERS[name].needs_grad_mean)
-    return total / 2**20
 
 
 def run_all(specs: Sequence[RunSpec], results: ResultsFile, task_factory: Callable[[RunSpec], Any],
