@@ -124,18 +124,15 @@ class LayerReport:
         return f"{self.name}: r={self.rank} s={self.scaling:g} fisher energy={energy} damping {damping}"
 
 
-@dataclass
-class _InitialState:
-    # Per layer (base name): initial A, B (float32, CPU) and the scaling, for save_as_lora.
-    factors: dict[str, tuple[torch.Tensor, torch.Tensor, float]]
+# Per layer (base name): initial A, B (float32, CPU) and the scaling, for save_as_lora.
+InitialFactors = dict[str, tuple[torch.Tensor, torch.Tensor, float]]
+
+# Initial factors per PEFT model object and adapter, kept outside the modules and dropped with the model.
+_INITIAL_STATES: weakref.WeakKeyDictionary[nn.Module, dict[str, InitialFactors]] = weakref.WeakKeyDictionary()
 
 
-# Initial factors per PEFT model object, kept outside the modules and dropped with the model.
-_INITIAL_STATES: weakref.WeakKeyDictionary[nn.Module, dict[str, _InitialState]] = weakref.WeakKeyDictionary()
-
-
-def _to_lora_shapes(layer: Any, adapter: str, lora_a: torch.Tensor, lora_b: torch.Tensor,
-                    layer_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _to_lora_shapes(layer: Any, adapter: str, lora_a: torch.Tensor,
+                    lora_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     target_a = layer.lora_A[adapter].weight
     target_b = layer.lora_B[adapter].weight
     return lora_a.reshape(target_a.shape), lora_b.reshape(target_b.shape)
@@ -203,10 +200,10 @@ def write_adapters(
         )
         planned.append((target, rank, scaling, result))
     reports = []
-    initial: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
+    initial: InitialFactors = {}
     for target, rank, scaling, result in planned:
         layer = target.hook_module
-        lora_a, lora_b = _to_lora_shapes(layer, adapter_name, result.lora_a, result.lora_b, target.layer_type)
+        lora_a, lora_b = _to_lora_shapes(layer, adapter_name, result.lora_a, result.lora_b)
         with torch.no_grad():
             parameter_a = layer.lora_A[adapter_name].weight
             parameter_b = layer.lora_B[adapter_name].weight
@@ -215,7 +212,7 @@ def write_adapters(
         _write_residual(target.weight_module, target.layer_type, result.residual)
         initial[target.name] = (lora_a.detach().float().cpu().clone(), lora_b.detach().float().cpu().clone(), scaling)
         reports.append(LayerReport(target.name, rank, scaling, result.captured_energy, result.damping_added))
-    _INITIAL_STATES.setdefault(model, {})[adapter_name] = _InitialState(initial)
+    _INITIAL_STATES.setdefault(model, {})[adapter_name] = initial
     return reports
 
 
@@ -234,7 +231,7 @@ def _converted_config(peft_config: Any) -> Any:
 
 
 def read_initial_factors(model: nn.Module, initial_adapter: str | os.PathLike[str],
-                         adapter_name: str = "default") -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+                         adapter_name: str = "default") -> InitialFactors:
     """Initial `A0, B0` of every LoRA layer from an adapter folder saved right after initialization.
 
     Args:
@@ -286,7 +283,7 @@ def save_as_lora(model: nn.Module, out_dir: str | os.PathLike[str], adapter_name
     if initial_adapter is not None:
         initial = read_initial_factors(model, initial_adapter, adapter_name)
     elif adapter_name in states:
-        initial = states[adapter_name].factors
+        initial = states[adapter_name]
     else:
         raise ValueError(
             f"adapter {adapter_name!r} was not initialized by fisherlora.initialize_lora_fisher in this process; "
