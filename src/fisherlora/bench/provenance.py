@@ -13,8 +13,10 @@ from typing import Any
 PACKAGES = ("torch", "transformers", "peft", "safetensors", "numpy", "fisherlora", "accelerate")
 
 
-def _git(*arguments: str) -> str | None:
-    root = Path(__file__).resolve().parents[3]
+SOURCE_ROOT = Path(__file__).resolve().parents[3]
+
+
+def _git(*arguments: str, root: Path = SOURCE_ROOT) -> str | None:
     try:
         completed = subprocess.run(["git", *arguments], cwd=root, capture_output=True, text=True, timeout=10,
                                    check=True)
@@ -25,9 +27,18 @@ def _git(*arguments: str) -> str | None:
 
 @cache
 def git_state() -> dict[str, Any]:
-    """`{"git_commit": sha or "unknown", "git_dirty": bool or None}` of the source tree."""
-    commit = _git("rev-parse", "HEAD")
-    status = _git("status", "--porcelain", "--untracked-files=no")
+    """:func:`git_state_of` this package's source tree, computed once per process."""
+    return git_state_of(SOURCE_ROOT)
+
+
+def git_state_of(root: Path) -> dict[str, Any]:
+    """`{"git_commit": sha or "unknown", "git_dirty": bool or None}` of the git tree at ``root``.
+
+    Changes under ``results/`` do not count: benchmark workers append to tracked ``runs.jsonl``
+    files there, and that must not mark the next run's code as uncommitted.
+    """
+    commit = _git("rev-parse", "HEAD", root=root)
+    status = _git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)results", root=root)
     return {"git_commit": commit or "unknown", "git_dirty": None if status is None else bool(status)}
 
 
