@@ -2,7 +2,8 @@
 `milora` and the Fisher variants through fisherlora. One function per method, in one registry.
 
 A method name may carry a Fisher type: `fisher_svd@true` is `fisher_svd` with the true Fisher,
-and a sketch: `fisher_svd+sketch64` keeps every factor wider than 64 as a rank-64 Nystrom sketch.
+a sketch: `fisher_svd+sketch64` keeps every factor wider than 64 as a rank-64 Nystrom sketch, and
+a view: `pissa+linear` runs PiSSA on targeted 1x1 convolutions rewritten as `nn.Linear`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from ..api import initialize_lora_fisher
 from ..config import FisherConfig
 from ..init.registry import INITIALIZERS
 from ..methods import PEFT_BASELINES
+from .pointwise import pointwise_convs_as_linear_
 
 
 @dataclass
@@ -59,21 +61,56 @@ def register_builder(name: str) -> Callable[[Builder], Builder]:
     return decorate
 
 
+@dataclass(frozen=True)
+class MethodName:
+    """A benchmark method name taken apart: ``NAME[+sketchK][+linear][@FISHER]``.
+
+    Attributes:
+        name: the registered method (`pissa`, `fisher_svd`, ...).
+        fisher: "empirical" (no suffix) or "true" (``@true``).
+        sketch_rank: K of a ``+sketchK`` suffix (sketched statistics), else None.
+        linear_view: ``+linear``: targeted 1x1 convolutions are presented as ``nn.Linear``
+            (:mod:`.pointwise`), so PEFT's linear-only initializers can run on them.
+    """
+
+    name: str
+    fisher: str = "empirical"
+    sketch_rank: int | None = None
+    linear_view: bool = False
+
+
+def parse_method(method: str) -> MethodName:
+    """``"fisher_svd+sketch64@true"`` -> ``MethodName("fisher_svd", "true", 64, False)``.
+
+    Raises:
+        ValueError: for an unknown suffix or a malformed ``+sketchK``.
+    """
+    body, _, fisher = method.partition("@")
+    name, *suffixes = body.split("+")
+    sketch_rank = None
+    linear_view = False
+    for suffix in suffixes:
+        if suffix == "linear":
+            linear_view = True
+        elif suffix.startswith("sketch"):
+            digits = suffix[len("sketch"):]
+            if not digits.isdigit() or int(digits) < 1:
+                raise ValueError(f"method {method!r}: write the sketch rank as +sketchK, e.g. fisher_svd+sketch64")
+            sketch_rank = int(digits)
+        else:
+            raise ValueError(f"method {method!r}: unknown suffix '+{suffix}' (known: +sketchK, +linear)")
+    return MethodName(name, fisher or "empirical", sketch_rank, linear_view)
+
+
 def split_method(method: str) -> tuple[str, str]:
-    """`"fisher_svd@true"` -> `("fisher_svd", "true")`; no suffix means the empirical Fisher.
-    A `+sketchK` part is dropped here (see `sketch_rank_of`)."""
-    name, _, fisher = method.partition("@")
-    return name.partition("+")[0], (fisher.partition("+")[0] or "empirical")
+    """`"fisher_svd@true"` -> `("fisher_svd", "true")`; no suffix means the empirical Fisher."""
+    parsed = parse_method(method)
+    return parsed.name, parsed.fisher
 
 
 def sketch_rank_of(method: str) -> int | None:
     """`"fisher_svd+sketch64"` -> 64; None without a `+sketchK` part."""
-    if "+sketch" not in method:
-        return None
-    digits = method.split("+sketch", 1)[1].partition("@")[0]
-    if not digits.isdigit() or int(digits) < 1:
-        raise ValueError(f"method {method!r}: write the sketch rank as +sketchK, e.g. fisher_svd+sketch64")
-    return int(digits)
+    return parse_method(method).sketch_rank
 
 
 def fisher_statistics_mb(model: nn.Module, method: str, fisher: FisherConfig) -> float | None:
@@ -120,20 +157,22 @@ def build_model(method: str, base: nn.Module, spec: AdapterSpec, calibration: Se
     Returns:
         the PEFT model, ready to train.
     """
-    name, fisher = split_method(method)
-    if fisher not in ("empirical", "true"):
+    parsed = parse_method(method)
+    name = parsed.name
+    if parsed.fisher not in ("empirical", "true"):
         raise ValueError(f"method {method!r}: the suffix after '@' must be 'empirical' or 'true'")
+    if name not in BUILDERS and name not in INITIALIZERS:
+        raise ValueError(f"unknown method {method!r}; choose from {known_methods()}")
+    if name in BUILDERS and ("@" in method or parsed.sketch_rank is not None):
+        raise ValueError(f"method {method!r}: PEFT baselines take no Fisher type or sketch")
+    if parsed.linear_view:
+        spec = replace(spec, target_modules=pointwise_convs_as_linear_(base, spec.target_modules))
     if name in BUILDERS:
-        if "@" in method or "+" in method:
-            raise ValueError(f"method {method!r}: PEFT baselines take no Fisher type or sketch")
         return BUILDERS[name](base, spec, calibration, fisher_config or FisherConfig())
-    if name in INITIALIZERS:
-        config = replace(fisher_config or FisherConfig(), method=name, fisher=fisher)
-        sketch_rank = sketch_rank_of(method)
-        if sketch_rank is not None:
-            config = replace(config, sketch_rank=sketch_rank, sketch_threshold=sketch_rank)
-        return _build_ours(base, spec, calibration, config)
-    raise ValueError(f"unknown method {method!r}; choose from {known_methods()}")
+    config = replace(fisher_config or FisherConfig(), method=name, fisher=parsed.fisher)
+    if parsed.sketch_rank is not None:
+        config = replace(config, sketch_rank=parsed.sketch_rank, sketch_threshold=parsed.sketch_rank)
+    return _build_ours(base, spec, calibration, config)
 
 
 def _build_ours(base: nn.Module, spec: AdapterSpec, calibration: Sequence[Any], config: FisherConfig) -> nn.Module:
@@ -168,8 +207,21 @@ def build_eva(base: nn.Module, spec: AdapterSpec, calibration: Sequence[Any], co
     eva_config = EvaConfig(rho=1.0, use_label_mask=spec.causal_lm)
     model = get_peft_model(base, spec.lora_config(init_lora_weights="eva", eva_config=eva_config),
                            low_cpu_mem_usage=True)
-    initialize_lora_eva_weights(model, dataloader=list(calibration), show_progress_bar=config.progress)
+    batches = list(calibration)
+    token_inputs = bool(batches) and isinstance(batches[0], dict) and "input_ids" in batches[0]
+    # PEFT's defaults mask layer inputs by the batch's attention_mask/input_ids; image batches
+    # have neither, so every row of the (rows, features) layer input is used instead.
+    extra: dict[str, Any] = {} if token_inputs else {"prepare_model_inputs_fn": None,
+                                                     "prepare_layer_inputs_fn": _all_rows}
+    initialize_lora_eva_weights(model, dataloader=batches, show_progress_bar=config.progress, **extra)
     return model
+
+
+def _all_rows(layer_input: Any, model_input: Any, layer_name: str) -> torch.Tensor:
+    """EVA layer-input hook for inputs without tokens: ``(..., d)`` -> ``(rows, d)``."""
+    if isinstance(layer_input, (tuple, list)):
+        layer_input = layer_input[0]
+    return layer_input.reshape(-1, layer_input.shape[-1])
 
 
 @register_builder("corda")

@@ -11,6 +11,7 @@ from typing import Any
 
 from ..config import FisherConfig
 from .runner import RunSpec, TrainingConfig
+from .statistics import base_method
 
 BASELINE_METHODS = ["lora", "gaussian", "pissa", "olora", "eva", "corda", "lora_ga", "milora"]
 # Methods whose adapter starts at zero (B = 0) take larger learning rates than those that move
@@ -18,6 +19,9 @@ BASELINE_METHODS = ["lora", "gaussian", "pissa", "olora", "eva", "corda", "lora_
 ZERO_START_METHODS = ["lora", "gaussian", "eva"]
 FISHER_METHODS = ["fisher_svd", "fisher_select", "fisher_eig", "fisher_grad", "fisher_svd@true", "fisher_grad@true"]
 ALL_METHODS = BASELINE_METHODS + FISHER_METHODS
+# PEFT implements these for nn.Linear only; on the vision task's 1x1 convolutions they run on the
+# same layers rewritten as nn.Linear (bench/pointwise.py), the plain names failing as PEFT does.
+LINEAR_VIEW_METHODS = [f"{method}+linear" for method in ("pissa", "olora", "eva", "corda", "lora_ga")]
 
 
 @dataclass
@@ -30,12 +34,14 @@ class TaskPlan:
             LR sat at an edge), added to `lrs` for that method.
         training: shared training settings.
         options: the task's own config overrides (subset sizes, lengths).
+        extra_methods: run on this task after the preset's methods (unless `--methods` is given).
     """
 
     lrs: list[float]
     training: TrainingConfig
     options: dict[str, Any] = field(default_factory=dict)
     method_lrs: dict[str, list[float]] = field(default_factory=dict)
+    extra_methods: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -59,7 +65,7 @@ class Preset:
         for task in chosen_tasks:
             plan = self.tasks[task]
             for seed in seeds or self.seeds:
-                for method in methods or self.methods:
+                for method in methods or [*self.methods, *plan.extra_methods]:
                     grid = sorted(set(plan.lrs) | set(plan.method_lrs.get(method, [])))
                     for lr in grid:
                         specs.append(RunSpec(task=task, method=method, seed=seed, lr=lr, training=plan.training,
@@ -77,7 +83,8 @@ VISION_FULL = {"train_size": 1600, "val_size": 400, "test_size": 1000, "image_si
 
 def _third_lr(zero_start: float, residual: float) -> dict[str, list[float]]:
     """Per-method third grid value: higher for zero-start methods, lower for the others."""
-    return {method: [zero_start if method in ZERO_START_METHODS else residual] for method in ALL_METHODS}
+    return {method: [zero_start if base_method(method) in ZERO_START_METHODS else residual]
+            for method in ALL_METHODS + LINEAR_VIEW_METHODS}
 
 
 def _presets() -> dict[str, Preset]:
@@ -96,7 +103,8 @@ def _presets() -> dict[str, Preset]:
     # Seen on seeds 0-1: MiLoRA's and fisher_eig's best LR sat at the grid's top (3e-3).
     for method in ("milora", "fisher_eig"):
         vision_lrs[method] = vision_lrs[method] + [1e-2]
-    vision_full = TaskPlan(lrs=[1e-3, 3e-3], training=vision_training, options=VISION_FULL, method_lrs=vision_lrs)
+    vision_full = TaskPlan(lrs=[1e-3, 3e-3], training=vision_training, options=VISION_FULL, method_lrs=vision_lrs,
+                           extra_methods=LINEAR_VIEW_METHODS)
     return {
         "quick": Preset(
             name="quick",

@@ -45,15 +45,23 @@ _BETACF_FPMIN = 1e-300
 # ----------------------------------------------------------------------------- method names
 
 
+def base_method(method: str) -> str:
+    """The registered name without suffixes: ``"pissa+linear"`` -> ``"pissa"``,
+    ``"fisher_svd@true"`` -> ``"fisher_svd"``."""
+    return method.partition("@")[0].partition("+")[0]
+
+
 def is_baseline(method: str) -> bool:
-    """True for the baseline initializations (:data:`BASELINES`); False for every Fisher variant of ours."""
-    return method in BASELINES
+    """True for the baseline initializations (:data:`BASELINES`, with any view suffix such as
+    ``pissa+linear``); False for every Fisher variant of ours."""
+    return base_method(method) in BASELINES
 
 
 def method_order(methods: Iterable[str]) -> list[str]:
-    """Stable display order: baselines in :data:`BASELINES` order, then ours sorted by name."""
+    """Stable display order: baselines in :data:`BASELINES` order (a suffixed variant right after
+    its plain name), then ours sorted by name."""
     unique = set(methods)
-    baselines = [m for m in BASELINES if m in unique]
+    baselines = sorted((m for m in unique if is_baseline(m)), key=lambda m: (BASELINES.index(base_method(m)), m))
     ours = sorted(m for m in unique if not is_baseline(m))
     return baselines + ours
 
