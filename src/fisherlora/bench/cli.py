@@ -42,10 +42,12 @@ def add_bench_commands(commands: Any) -> None:
     init_cost.add_argument("--sketch-threshold", type=int, default=256, help="sketch factors larger than this")
     init_cost.set_defaults(handler=command_init_cost)
 
-    report = commands.add_parser("report", help="turn RESULTS_DIR/runs.jsonl into summary.md and plots")
-    report.add_argument("results_dir")
+    report = commands.add_parser("report", help="turn RESULTS_DIR/runs.jsonl into summary.md and plots; with "
+                                 "several folders also an across-task overview.md/.png in their common parent")
+    report.add_argument("results_dirs", nargs="+", metavar="results_dir")
     report.add_argument("--readme", default=None,
-                        help="also fill the README section <!-- results:NAME:start/end --> (NAME: the folder's name)")
+                        help="also fill the README section <!-- results:NAME:start/end --> (NAME: the folder's name; "
+                             "'overview' for the across-task table when several folders are given)")
     report.set_defaults(handler=command_report)
 
 
@@ -107,16 +109,23 @@ def command_bench(args: argparse.Namespace) -> int:
 
 
 def command_report(args: argparse.Namespace) -> int:
-    from .report import format_table, load_runs, write_report
+    from .report import format_table, load_runs, update_readme, update_readme_overview, write_report
     from .statistics import summarize
 
-    path = write_report(args.results_dir)
-    print(format_table(summarize(load_runs(args.results_dir))))
-    print(f"wrote {path}")
-    if args.readme:
-        from .report import update_readme
+    for results_dir in args.results_dirs:
+        path = write_report(results_dir)
+        print(format_table(summarize(load_runs(results_dir))))
+        print(f"wrote {path}")
+        if args.readme:
+            print(f"updated {update_readme(args.readme, results_dir)}")
+    if len(args.results_dirs) > 1:
+        from .overview import format_overview, write_overview
 
-        print(f"updated {update_readme(args.readme, args.results_dir)}")
+        markdown_path, plot_path, summaries = write_overview(args.results_dirs)
+        print(format_overview(summaries))
+        print(f"wrote {markdown_path} and {plot_path}")
+        if args.readme:
+            print(f"updated {update_readme_overview(args.readme, args.results_dirs, summaries, plot_path)}")
     return 0
 
 

@@ -1,0 +1,148 @@
+"""Every method across every task: one table and one plot (`fisherlora report DIR DIR ...`).
+
+Each task's own table (:mod:`.report`) says how methods compare on that task; this view answers
+"does any initialization win across modalities?": per task each method's test metric and rank,
+the paired difference of every Fisher variant against that task's best baseline, and the mean
+rank over tasks, on test and on validation (a default should be picked on validation).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from ..files import atomic_write_bytes
+from .statistics import MethodSummary, TaskSummary, method_order
+
+OVERVIEW_FILE = "overview.md"
+OVERVIEW_PLOT = "overview.png"
+
+
+def rank_of(values: Mapping[str, float]) -> dict[str, float]:
+    """Rank of each key by value, 1 = highest; tied values share their mean rank.
+
+    ``{"a": 0.9, "b": 0.7, "c": 0.9}`` -> ``{"a": 1.5, "c": 1.5, "b": 3.0}``.
+    """
+    ordered = sorted(values.values(), reverse=True)
+    ranks: dict[str, float] = {}
+    for key, value in values.items():
+        positions = [i + 1 for i, v in enumerate(ordered) if v == value]
+        ranks[key] = sum(positions) / len(positions)
+    return ranks
+
+
+def _scored(summary: TaskSummary) -> list[MethodSummary]:
+    """The methods of a task that have a result (at least one successful run at a chosen LR)."""
+    return [m for m in summary.methods if m.best_lr is not None and math.isfinite(m.test_mean)]
+
+
+def mean_ranks(summaries: Sequence[TaskSummary], split: str = "test") -> dict[str, tuple[float, int]]:
+    """``{method: (mean rank over the tasks where it has a result, number of such tasks)}``.
+
+    ``split``: "test" ranks by mean test metric, "validation" by mean validation metric (each at
+    the method's validation-selected LR).
+    """
+    if split not in ("test", "validation"):
+        raise ValueError(f"split must be 'test' or 'validation', got {split!r}")
+    collected: dict[str, list[float]] = {}
+    for summary in summaries:
+        scored = _scored(summary)
+        values = {m.method: (m.test_mean if split == "test" else m.val_mean) for m in scored}
+        for method, rank in rank_of(values).items():
+            collected.setdefault(method, []).append(rank)
+    return {method: (float(np.mean(ranks)), len(ranks)) for method, ranks in collected.items()}
+
+
+def _cell(summary: TaskSummary, method: str, ranks: Mapping[str, float]) -> str:
+    scored = {m.method: m for m in _scored(summary)}
+    if method not in scored:
+        failed = any(m.method == method and m.n_failed for m in summary.methods)
+        return "failed" if failed else "–"
+    row = scored[method]
+    text = f"{row.test_mean:.4f} (#{ranks[method]:g}/{len(scored)})"
+    if row.comparison is not None:
+        c = row.comparison
+        text += f", Δ {c.mean_difference:+.4f}, {c.wins}/{c.ties}/{c.losses}"
+    return text
+
+
+def format_overview(summaries: Sequence[TaskSummary]) -> str:
+    """Markdown: one row per method, one column per task, then mean ranks on test and validation."""
+    methods = method_order(m.method for s in summaries for m in s.methods)
+    task_ranks = [rank_of({m.method: m.test_mean for m in _scored(s)}) for s in summaries]
+    test_ranks, val_ranks = mean_ranks(summaries, "test"), mean_ranks(summaries, "validation")
+    labels = [f"{s.task} ({s.metric_name})" for s in summaries]
+    lines = [
+        "Each cell: test metric at the validation-selected LR, mean over seeds (#rank among the methods "
+        "with a result); for a Fisher variant also the paired Δ against that task's best baseline and its "
+        "wins/ties/losses over seeds. Best baselines: "
+        + "; ".join(f"{s.task}: {s.best_baseline or '–'}" for s in summaries) + ".",
+        "",
+        "| method | " + " | ".join(labels) + " | mean rank, test (tasks) | mean rank, validation (tasks) |",
+        "|---|" + "---|" * (len(summaries) + 2),
+    ]
+    for method in methods:
+        cells = [_cell(s, method, ranks) for s, ranks in zip(summaries, task_ranks, strict=True)]
+        test = f"{test_ranks[method][0]:.2f} ({test_ranks[method][1]})" if method in test_ranks else "–"
+        val = f"{val_ranks[method][0]:.2f} ({val_ranks[method][1]})" if method in val_ranks else "–"
+        lines.append(f"| {method} | " + " | ".join(cells) + f" | {test} | {val} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_overview(summaries: Sequence[TaskSummary], path: Path) -> Path:
+    """Grouped bars: each Fisher variant's paired Δ against the best baseline, one bar per task,
+    error bars = standard deviation of the per-seed differences. Written atomically as PNG."""
+    from .report import _new_figure, _save_figure
+
+    ours = [m for m in method_order(m.method for s in summaries for m in s.methods)
+            if any(x.method == m and x.comparison is not None for s in summaries for x in s.methods)]
+    fig = _new_figure(max(6.0, 0.9 * len(ours) + 2), 4.0)
+    ax = fig.add_subplot(1, 1, 1)
+    width = 0.8 / max(len(summaries), 1)
+    for index, summary in enumerate(summaries):
+        by_name = {m.method: m for m in summary.methods}
+        means, errors, positions = [], [], []
+        for position, method in enumerate(ours):
+            row = by_name.get(method)
+            if row is None or row.comparison is None:
+                continue
+            differences = np.asarray(row.comparison.differences, dtype=float)
+            means.append(float(differences.mean()))
+            errors.append(float(differences.std(ddof=1)) if differences.size > 1 else 0.0)
+            positions.append(position + (index - (len(summaries) - 1) / 2) * width)
+        ax.bar(positions, means, width=width, yerr=errors, capsize=3,
+               label=f"{summary.task} (vs {summary.best_baseline})")
+    ax.axhline(0.0, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(ours)), ours, rotation=30, ha="right")
+    ax.set_ylabel("Δ test metric vs best baseline")
+    ax.set_title("Fisher variants against each task's best baseline (paired by seed; bars: mean ± std)")
+    ax.legend()
+    ax.grid(True, axis="y", alpha=0.3)
+    _save_figure(fig, path)
+    return path
+
+
+def write_overview(results_dirs: Sequence[str | os.PathLike[str]], out_dir: str | os.PathLike[str] | None = None
+                   ) -> tuple[Path, Path, list[TaskSummary]]:
+    """Summarize every ``results_dirs[i]/runs.jsonl`` together and write ``overview.md`` and
+    ``overview.png`` into ``out_dir`` (default: the folders' common parent).
+
+    Returns:
+        ``(markdown path, plot path, the task summaries in the order of results_dirs)``.
+    """
+    from .report import load_runs
+    from .statistics import summarize
+
+    summaries = [summary for folder in results_dirs for summary in summarize(load_runs(folder))]
+    target = Path(out_dir) if out_dir is not None else Path(os.path.commonpath([os.path.abspath(d)
+                                                                                 for d in results_dirs]))
+    sources = ", ".join(f"`{Path(d).name}/runs.jsonl`" for d in results_dirs)
+    markdown = f"# Across tasks\n\nGenerated by `fisherlora report` from {sources}.\n\n{format_overview(summaries)}"
+    markdown_path = target / OVERVIEW_FILE
+    atomic_write_bytes(markdown_path, markdown.encode("utf-8"))
+    plot_path = plot_overview(summaries, target / OVERVIEW_PLOT)
+    return markdown_path, plot_path, summaries
