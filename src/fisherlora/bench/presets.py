@@ -98,9 +98,10 @@ def _presets() -> dict[str, Preset]:
     # Seen here: at 75 steps every method, PiSSA included, stays at the majority class below
     # 1e-3 (the new head learns at the same LR), so the text grid is the same for all methods.
     text_full = TaskPlan(lrs=[1e-3, 3e-3, 1e-2], training=text_full_training, options=TEXT_FULL)
-    # Seen here (lm, seed 0, 60 steps): LoRA 0.07 / 0.17 / 0.31 test exact match at LR 3e-4 / 1e-3 / 3e-3
-    # and fisher_grad best at 1e-3, the top of {1e-4, 3e-4, 1e-3}: the grid was too low, moved up.
-    lm_full = TaskPlan(lrs=[1e-3, 3e-3], training=lm_training, options=LM_FULL, method_lrs=_third_lr(1e-2, 3e-4))
+    # Seen here (lm, seed 0, 60 steps): LoRA's validation exact match rose 0.07 / 0.15 / 0.28 / 0.37 at
+    # LR 3e-4 / 1e-3 / 3e-3 / 1e-2, and PiSSA, fisher_eig and fisher_grad peaked at 3e-3, the top of
+    # their grid: at this short budget every method wants high LRs, so the grid sits high.
+    lm_full = TaskPlan(lrs=[3e-3, 1e-2], training=lm_training, options=LM_FULL, method_lrs=_third_lr(3e-2, 1e-3))
     vision_lrs = _third_lr(1e-2, 3e-4)
     # Seen on seeds 0-1: MiLoRA's and fisher_eig's best LR sat at the grid's top (3e-3).
     for method in ("milora", "fisher_eig"):
