@@ -171,6 +171,19 @@ def test_select_lr_averages_over_seeds() -> None:
     assert select_lr(runs).lr == 1e-3
 
 
+def test_select_lr_ignores_lrs_tried_on_fewer_seeds() -> None:
+    # 1e-4 was tried on seed 0 only (then dropped from the grid): its single high value must not win,
+    # and the edge is judged on the LRs tried on every seed.
+    runs = [_run("m", 1e-4, 0, 0.99, 0.0)] + [
+        _run("m", lr, s, val, 0.0) for s in range(3) for lr, val in ((1e-3, 0.5), (3e-3, 0.7), (1e-2, 0.6))
+    ]
+    selection = select_lr(runs)
+    assert selection.lr == 3e-3 and not selection.at_edge and selection.grid == (1e-4, 1e-3, 3e-3, 1e-2)
+    lowest = [_run("m", 1e-4, 0, 0.1, 0.0)] + [_run("m", lr, s, val, 0.0) for s in range(2)
+                                                 for lr, val in ((1e-3, 0.8), (3e-3, 0.7))]
+    assert select_lr(lowest).lr == 1e-3 and select_lr(lowest).at_edge
+
+
 def test_select_lr_edges_ties_and_failures() -> None:
     low = [_run("m", 1e-4, 0, 0.9, 0.0), _run("m", 1e-3, 0, 0.5, 0.0), _run("m", 1e-2, 0, 0.4, 0.0)]
     assert select_lr(low).lr == 1e-4 and select_lr(low).at_edge

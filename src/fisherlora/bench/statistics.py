@@ -260,22 +260,29 @@ def select_lr(runs: Sequence[Run]) -> LRSelection:
     Runs are grouped by ``lr``; each group's ``val_metric`` is averaged over its successful runs
     (failed runs are ignored; an LR whose runs all failed cannot be chosen, but stays in the grid,
     since it was tried). Highest mean wins; exact ties go to the smaller LR. The test metric is
-    never read. Raises ``ValueError`` if the runs mix tasks or methods, or none succeeded.
+    never read. An LR tried on fewer seeds than the method's best-covered LR (a grid value that
+    was dropped after the first seed) cannot be chosen either: its mean would be over other seeds;
+    ``at_edge`` is judged on the LRs that can be chosen. Raises ``ValueError`` if the runs mix
+    tasks or methods, or none succeeded.
     """
     if not runs:
         raise ValueError("select_lr needs at least one run")
     _single_value(runs, "task")
     method = _single_value(runs, "method")
     grid = tuple(sorted({float(run["lr"]) for run in runs}))
+    seeds_by_lr = {lr: {run.get("seed") for run in runs if float(run["lr"]) == lr} for lr in grid}
+    full_coverage = max(len(seeds) for seeds in seeds_by_lr.values())
+    eligible = tuple(lr for lr in grid if len(seeds_by_lr[lr]) == full_coverage)
     val_mean_by_lr: dict[float, float] = {}
     for lr in grid:
         vals = [_num(run, "val_metric") for run in runs if float(run["lr"]) == lr and not is_failed(run)]
         if vals:
             val_mean_by_lr[lr] = float(np.mean(vals))
-    if not val_mean_by_lr:
+    choosable = [lr for lr in eligible if lr in val_mean_by_lr]
+    if not choosable:
         raise ValueError(f"no successful run of {method!r} to select a learning rate from")
-    best = max(val_mean_by_lr, key=lambda lr: (val_mean_by_lr[lr], -lr))
-    at_edge = len(grid) >= 2 and best in (grid[0], grid[-1])
+    best = max(choosable, key=lambda lr: (val_mean_by_lr[lr], -lr))
+    at_edge = len(eligible) >= 2 and best in (eligible[0], eligible[-1])
     return LRSelection(lr=best, at_edge=at_edge, grid=grid, val_mean_by_lr=val_mean_by_lr)
 
 
