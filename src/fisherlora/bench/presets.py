@@ -101,7 +101,13 @@ def _presets() -> dict[str, Preset]:
     # Seen here (lm, seed 0, 60 steps): LoRA's validation exact match rose 0.07 / 0.15 / 0.28 / 0.37 at
     # LR 3e-4 / 1e-3 / 3e-3 / 1e-2, and PiSSA, fisher_eig and fisher_grad peaked at 3e-3, the top of
     # their grid: at this short budget every method wants high LRs, so the grid sits high.
-    lm_full = TaskPlan(lrs=[3e-3, 1e-2], training=lm_training, options=LM_FULL, method_lrs=_third_lr(3e-2, 1e-3))
+    lm_lrs = _third_lr(3e-2, 1e-3)
+    # Seen on seed 0 of that grid: MiLoRA, LoRA-GA, fisher_eig and fisher_grad peaked at its top (1e-2),
+    # fisher_select at its bottom (1e-3); each grid is extended by one value on that side.
+    for method in ("milora", "lora_ga", "fisher_eig", "fisher_grad", "fisher_grad@true"):
+        lm_lrs[method] = lm_lrs[method] + [3e-2]
+    lm_lrs["fisher_select"] = lm_lrs["fisher_select"] + [3e-4]
+    lm_full = TaskPlan(lrs=[3e-3, 1e-2], training=lm_training, options=LM_FULL, method_lrs=lm_lrs)
     vision_lrs = _third_lr(1e-2, 3e-4)
     # Seen on seeds 0-1: MiLoRA's and fisher_eig's best LR sat at the grid's top (3e-3).
     for method in ("milora", "fisher_eig"):
