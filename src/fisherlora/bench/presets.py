@@ -112,6 +112,9 @@ def _presets() -> dict[str, Preset]:
     # Seen on seeds 0-1: MiLoRA's and fisher_eig's best LR sat at the grid's top (3e-3).
     for method in ("milora", "fisher_eig"):
         vision_lrs[method] = vision_lrs[method] + [1e-2]
+    # Seen on all seeds: EVA's and CorDA's best LR on the linear view sat at the grid's bottom.
+    vision_lrs["eva+linear"] = vision_lrs["eva+linear"] + [3e-4]
+    vision_lrs["corda+linear"] = vision_lrs["corda+linear"] + [1e-4]
     vision_full = TaskPlan(lrs=[1e-3, 3e-3], training=vision_training, options=VISION_FULL, method_lrs=vision_lrs,
                            extra_methods=LINEAR_VIEW_METHODS)
     return {
