@@ -22,9 +22,9 @@ class FisherConfig:
 
     Attributes:
         method: initializer name, one of `fisherlora.METHODS` (Fisher variants and `milora`). The
-            default, `fisher_eig`, has the best mean validation rank of the Fisher variants over
-            the text, lm and vision benchmarks and never ranks last among them (README, "Which
-            variant is the default").
+            default, `fisher_eig`, is the Fisher variant whose worst validation rank over the
+            text, lm and vision benchmarks is best (never last of the four; `fisher_grad` has a
+            better mean rank but is last on text). See README, "Which variant is the default".
         fisher: "empirical" (gradients of the data's own labels) or "true" (labels sampled from
             the model's predictive distribution, `n_samples` draws per input; needs no labels).
         num_batches: batches of the dataloader to use; `None` uses all of them.
