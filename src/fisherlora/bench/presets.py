@@ -51,7 +51,10 @@ class Preset:
     tasks: dict[str, TaskPlan]
     methods: list[str]
     seeds: list[int]
-    fisher: FisherConfig = field(default_factory=lambda: FisherConfig(progress=False))
+    # Pinned rather than FisherConfig's defaults: the config is part of every run id, so a change
+    # of library default (e.g. the default method, which each run overrides anyway) must not
+    # make a resumed benchmark re-run finished runs.
+    fisher: FisherConfig = field(default_factory=lambda: FisherConfig(progress=False, method="fisher_select"))
 
     def specs(self, methods: list[str] | None = None, tasks: list[str] | None = None,
               seeds: list[int] | None = None) -> list[RunSpec]:
