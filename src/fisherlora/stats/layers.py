@@ -9,6 +9,24 @@ import torch.nn.functional as functional
 from torch import nn
 
 
+@dataclass
+class TargetLayer:
+    """One layer to collect statistics for.
+
+    Attributes:
+        name: module name in the base model (no PEFT prefix).
+        hook_module: the module whose forward input `x` and output `y` are recorded (a PEFT LoRA
+            wrapper, whose output gradient equals the base layer's, or the layer itself).
+        weight_module: the module holding `weight` (the base layer).
+        layer_type: "linear", "conv1d" or "conv2d".
+    """
+
+    name: str
+    hook_module: nn.Module
+    weight_module: nn.Module
+    layer_type: str
+
+
 def module_weight(module: nn.Module) -> torch.Tensor:
     """The module's `weight` parameter; `TypeError` if it has none."""
     weight = getattr(module, "weight", None)

@@ -1,7 +1,7 @@
 """Losses and masks for the Fisher: sum-reduced cross-entropy over the data's labels (empirical)
 or over labels sampled from the model's own predictions (true), for classification and causal LM.
 
-Pure functions on tensors; the collection loop in `collect.py` calls them.
+Pure functions on tensors; the collection steps in `strategy.py` call them.
 """
 
 from __future__ import annotations

@@ -1,0 +1,185 @@
+"""Forward hooks that record each targeted layer's calls, and one pass of the data through the model.
+
+A forward hook records a layer's input rows `x_t` and its output `y`; after the loss is formed, one
+`torch.autograd.grad` call returns `dL/dy` for every recorded output at once, so per-example
+gradients are never formed. The hooks live only inside `collection_mode`, which also puts the model
+in eval mode with gradients on the targets' weights only, and undoes all of it on every exit path.
+What the loss is, and which positions it keeps, is the step's business (`strategy.py`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from ..config import FisherConfig
+from .accumulators import LayerAccumulator
+from .errors import StatisticsError
+from .layers import TokenRows, input_rows, module_weight, output_gradient_rows
+
+
+@dataclass
+class Record:
+    """One call of a targeted layer in the current forward pass."""
+
+    accumulator: LayerAccumulator
+    rows: TokenRows
+    output: torch.Tensor
+    kept_inputs: torch.Tensor | None = None
+    row_mask: torch.Tensor | None = None
+
+
+def _row_mask(leading_shape: tuple[int, ...], mask: torch.Tensor | None) -> torch.Tensor | None:
+    # Per-token masks apply to rows shaped like the batch's tokens; pooled (B, d) rows and
+    # convolution positions have no padding to drop.
+    if mask is not None and leading_shape == tuple(mask.shape):
+        return mask.reshape(-1)
+    return None
+
+
+@dataclass
+class Recorder:
+    """The records of the current forward pass; hooks append to it while `active`."""
+
+    active: bool = False
+    records: list[Record] = field(default_factory=list)
+
+    @contextmanager
+    def recording(self) -> Iterator[None]:
+        """Record the layer calls of the forward pass run inside (previous records are dropped)."""
+        self.records.clear()
+        self.active = True
+        try:
+            yield
+        finally:
+            self.active = False
+
+    def add_forward(self, mask: torch.Tensor | None, examples: int, batch_index: int) -> None:
+        """Add every record's kept input rows to `A`; `mask` is the `(B, S)` bool token mask, if any."""
+        for record in self.records:
+            rows = record.rows.inputs
+            row_mask = _row_mask(record.rows.leading_shape, mask)
+            if row_mask is not None:
+                row_mask = row_mask.to(rows.device)
+                rows = rows[row_mask]
+            record.accumulator.add_inputs(rows, examples, batch_index)
+            record.kept_inputs = rows
+            record.row_mask = row_mask
+
+    def backward(self, loss: torch.Tensor, examples: int, batch_index: int, retain: bool) -> None:
+        """`dL/dy` of every recorded output, added to `G` (and `M`) at the kept rows."""
+        if not torch.isfinite(loss):
+            # detach: float() of a grad-requiring tensor emits a UserWarning alongside the error
+            raise StatisticsError(f"non-finite loss ({float(loss.detach())}) at batch {batch_index}")
+        for record in self.records:
+            if not record.output.requires_grad:
+                raise StatisticsError(
+                    f"the output of module {record.accumulator.name!r} is not part of the autograd graph "
+                    "(was it called under torch.no_grad or inference_mode?)"
+                )
+        gradients = torch.autograd.grad(loss, [record.output for record in self.records], retain_graph=retain,
+                                        allow_unused=True)
+        for record, gradient in zip(self.records, gradients, strict=True):
+            assert record.kept_inputs is not None
+            rows = None
+            if gradient is not None:
+                rows = output_gradient_rows(record.accumulator.target.layer_type, gradient)
+                if record.row_mask is not None:
+                    rows = rows[record.row_mask]
+            record.accumulator.add_output_gradients(rows, record.kept_inputs, examples, batch_index)
+
+
+class Step(Protocol):
+    """Runs one batch: forward under `recorder.recording()`, then `add_forward` and `backward`."""
+
+    def __call__(self, model: nn.Module, batch: Any, recorder: Recorder, generator: torch.Generator,
+                 batch_index: int) -> None: ...
+
+
+@contextmanager
+def collection_mode(model: nn.Module, accumulators: list[LayerAccumulator], recorder: Recorder) -> Iterator[None]:
+    """Eval mode, gradients only on the targets' weights, hooks installed; all undone on exit."""
+    # Per-module modes: a PeftModel wrapper can be in train mode around an eval-mode base.
+    modes = {module: module.training for module in model.modules()}
+    flags = {parameter: parameter.requires_grad for parameter in model.parameters()}
+    handles = []
+    try:
+        model.eval()
+        for parameter in model.parameters():
+            parameter.requires_grad_(False)
+        for accumulator in accumulators:
+            # A leaf that requires grad upstream of every target output keeps `y` in the graph;
+            # `autograd.grad` is asked only for the outputs, so no weight gradient is computed.
+            module_weight(accumulator.target.weight_module).requires_grad_(True)
+        for accumulator in accumulators:
+            handles.append(accumulator.target.hook_module.register_forward_hook(_record_hook(accumulator, recorder)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        recorder.records.clear()
+        recorder.active = False
+        for parameter, flag in flags.items():
+            parameter.requires_grad_(flag)
+        for module, mode in modes.items():
+            module.training = mode
+
+
+def _record_hook(accumulator: LayerAccumulator, recorder: Recorder):  # noqa: ANN202
+    target = accumulator.target
+
+    def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        if not recorder.active:
+            return
+        if not isinstance(output, torch.Tensor) or not args or not isinstance(args[0], torch.Tensor):
+            raise TypeError(f"module {target.name!r} did not map a tensor to a tensor; cannot record it")
+        rows = input_rows(target.weight_module, target.layer_type, args[0])
+        recorder.records.append(Record(accumulator, rows, output))
+
+    return hook
+
+
+def move_to(batch: Any, device: torch.device) -> Any:
+    """The batch with every tensor (in mappings, tuples and lists) on `device`."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, Mapping):
+        return {key: move_to(value, device) for key, value in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(move_to(value, device) for value in batch)
+    return batch
+
+
+def collect_pass(model: nn.Module, accumulators: list[LayerAccumulator], dataloader: Iterable[Any],
+                 config: FisherConfig, step: Step, description: str) -> int:
+    """One pass over the first `config.num_batches` batches for `accumulators`; returns the number of
+    local batches."""
+    # Re-seeded every pass: the true Fisher draws the same labels in every pass (they depend on the
+    # logits only, not on which layers are recorded), so layer groups see the same gradients.
+    generator = torch.Generator().manual_seed(config.seed)
+    recorder = Recorder()
+    batches = 0
+    total = config.num_batches
+    if total is None and hasattr(dataloader, "__len__"):
+        total = len(dataloader)  # type: ignore[arg-type]
+    from tqdm.auto import tqdm
+
+    with collection_mode(model, accumulators, recorder), torch.enable_grad():
+        device = accumulators[0].device
+        progress = tqdm(total=total, desc=description, unit="batch", disable=not config.progress)
+        try:
+            for batch_index, batch in enumerate(dataloader):
+                if config.num_batches is not None and batch_index >= config.num_batches:
+                    break
+                step(model, move_to(batch, device), recorder, generator, batch_index)
+                recorder.records.clear()
+                batches += 1
+                progress.update(1)
+        finally:
+            progress.close()
+    return batches
