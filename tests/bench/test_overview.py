@@ -9,7 +9,7 @@ import pytest
 
 from fisherlora.bench.overview import format_overview, mean_ranks, rank_of, write_overview
 from fisherlora.bench.results import ResultsFile
-from fisherlora.bench.statistics import summarize
+from fisherlora.bench.summary import summarize
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -47,7 +47,7 @@ def test_mean_ranks_and_cells_follow_the_runs():
 
 
 def test_write_overview_and_readme_section(tmp_path: Path):
-    from fisherlora.bench.report import update_readme_overview
+    from fisherlora.bench.readme import update_readme_overview
 
     folders = []
     for task, table in (("text", TEXT), ("vision", VISION)):

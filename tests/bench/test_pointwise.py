@@ -11,7 +11,7 @@ from torch import nn
 
 from fisherlora.bench.baselines import AdapterSpec, build_model, parse_method
 from fisherlora.bench.pointwise import PointwiseLinear, pointwise_convs_as_linear_
-from fisherlora.bench.statistics import is_baseline, method_order
+from fisherlora.bench.roles import is_baseline, method_order
 from fisherlora.bench.tasks import ImageClassifier
 from fisherlora.config import FisherConfig
 

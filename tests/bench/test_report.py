@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from fisherlora.bench.report import format_table, load_runs, write_report
-from fisherlora.bench.statistics import summarize
+from fisherlora.bench.report import format_table, write_report
+from fisherlora.bench.results import load_runs
+from fisherlora.bench.summary import summarize
 
 FIXTURE = Path(__file__).parent / "fixtures" / "runs.jsonl"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -112,7 +113,7 @@ def test_report_reflects_the_runs_not_hand_typed(tmp_path: Path) -> None:
 
 
 def test_loss_plot_with_wide_range_uses_log_axis(tmp_path: Path) -> None:
-    from fisherlora.bench.report import plot_loss_curves
+    from fisherlora.bench.plots import plot_loss_curves
 
     runs = [
         {"run_id": f"r{s}", "preset": "p", "task": "t", "method": m, "seed": s, "lr": 1e-3, "metric_name": "accuracy",
@@ -128,7 +129,7 @@ def test_loss_plot_with_wide_range_uses_log_axis(tmp_path: Path) -> None:
 def test_readme_section_is_generated_from_the_runs(tmp_path: Path):
     import shutil
 
-    from fisherlora.bench.report import update_readme
+    from fisherlora.bench.readme import update_readme
 
     results = tmp_path / "results" / "fixture"
     results.mkdir(parents=True)

@@ -72,7 +72,7 @@ def command_bench(args: argparse.Namespace) -> int:
     from .report import format_table, write_report
     from .results import ResultsFile
     from .runner import process_rank, run_all
-    from .statistics import summarize
+    from .summary import summarize
     from .tasks import build_task
 
     if args.threads:
@@ -109,8 +109,10 @@ def command_bench(args: argparse.Namespace) -> int:
 
 
 def command_report(args: argparse.Namespace) -> int:
-    from .report import format_table, load_runs, update_readme, update_readme_overview, write_report
-    from .statistics import summarize
+    from .readme import update_readme, update_readme_overview
+    from .report import format_table, write_report
+    from .results import load_runs
+    from .summary import summarize
 
     for results_dir in args.results_dirs:
         path = write_report(results_dir)

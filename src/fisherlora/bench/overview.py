@@ -16,7 +16,10 @@ from pathlib import Path
 import numpy as np
 
 from ..files import atomic_write_bytes
-from .statistics import MethodSummary, TaskSummary, method_order
+from .plots import plot_overview
+from .results import load_runs
+from .roles import method_order
+from .summary import MethodSummary, TaskSummary, summarize
 
 OVERVIEW_FILE = "overview.md"
 OVERVIEW_PLOT = "overview.png"
@@ -93,39 +96,6 @@ def format_overview(summaries: Sequence[TaskSummary]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_overview(summaries: Sequence[TaskSummary], path: Path) -> Path:
-    """Grouped bars: each Fisher variant's paired Δ against the best baseline, one bar per task,
-    error bars = standard deviation of the per-seed differences. Written atomically as PNG."""
-    from .report import _new_figure, _save_figure
-
-    ours = [m for m in method_order(m.method for s in summaries for m in s.methods)
-            if any(x.method == m and x.comparison is not None for s in summaries for x in s.methods)]
-    fig = _new_figure(max(6.0, 0.9 * len(ours) + 2), 4.0)
-    ax = fig.add_subplot(1, 1, 1)
-    width = 0.8 / max(len(summaries), 1)
-    for index, summary in enumerate(summaries):
-        by_name = {m.method: m for m in summary.methods}
-        means, errors, positions = [], [], []
-        for position, method in enumerate(ours):
-            row = by_name.get(method)
-            if row is None or row.comparison is None:
-                continue
-            differences = np.asarray(row.comparison.differences, dtype=float)
-            means.append(float(differences.mean()))
-            errors.append(float(differences.std(ddof=1)) if differences.size > 1 else 0.0)
-            positions.append(position + (index - (len(summaries) - 1) / 2) * width)
-        ax.bar(positions, means, width=width, yerr=errors, capsize=3,
-               label=f"{summary.task} (vs {summary.best_baseline})")
-    ax.axhline(0.0, color="black", linewidth=0.8)
-    ax.set_xticks(range(len(ours)), ours, rotation=30, ha="right")
-    ax.set_ylabel("Δ test metric vs best baseline")
-    ax.set_title("Fisher variants against each task's best baseline (paired by seed; bars: mean ± std)")
-    ax.legend()
-    ax.grid(True, axis="y", alpha=0.3)
-    _save_figure(fig, path)
-    return path
-
-
 def write_overview(results_dirs: Sequence[str | os.PathLike[str]], out_dir: str | os.PathLike[str] | None = None
                    ) -> tuple[Path, Path, list[TaskSummary]]:
     """Summarize every ``results_dirs[i]/runs.jsonl`` together and write ``overview.md`` and
@@ -134,9 +104,6 @@ def write_overview(results_dirs: Sequence[str | os.PathLike[str]], out_dir: str 
     Returns:
         ``(markdown path, plot path, the task summaries in the order of results_dirs)``.
     """
-    from .report import load_runs
-    from .statistics import summarize
-
     summaries = [summary for folder in results_dirs for summary in summarize(load_runs(folder))]
     target = Path(out_dir) if out_dir is not None else Path(os.path.commonpath([os.path.abspath(d)
                                                                                  for d in results_dirs]))

@@ -10,8 +10,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..config import FisherConfig
+from .roles import base_method
 from .runner import RunSpec, TrainingConfig
-from .statistics import base_method
 
 BASELINE_METHODS = ["lora", "gaussian", "pissa", "olora", "eva", "corda", "lora_ga", "milora"]
 # Methods whose adapter starts at zero (B = 0) take larger learning rates than those that move

@@ -1,4 +1,4 @@
-"""The results file: one JSON line per run, appended atomically, read back for resume."""
+"""The results file: one JSON line per run, appended atomically, read back for resume and reports."""
 
 from __future__ import annotations
 
@@ -10,6 +10,34 @@ from pathlib import Path
 from typing import Any
 
 from ..files import atomic_write_text
+
+RUNS_FILE = "runs.jsonl"
+
+
+def read_records(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The JSON objects of a JSON-lines file, in file order; blank lines are skipped.
+
+    Raises ``FileNotFoundError`` if the file is missing and ``ValueError`` naming the file and the
+    1-based line number for a line that is not a JSON object.
+    """
+    records: list[dict[str, Any]] = []
+    with Path(path).open(encoding="utf-8") as handle:
+        for lineno, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}: line {lineno}: corrupt JSON ({exc.msg})") from exc
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}: line {lineno}: expected a JSON object, got {type(record).__name__}")
+            records.append(record)
+    return records
+
+
+def load_runs(results_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Run records from ``results_dir/runs.jsonl`` (:func:`read_records`: missing file and bad lines raise)."""
+    return read_records(Path(results_dir) / RUNS_FILE)
 
 
 def clean_for_json(value: Any) -> Any:
@@ -29,20 +57,11 @@ class ResultsFile:
 
     def __init__(self, directory: str | os.PathLike[str]) -> None:
         self.directory = Path(directory)
-        self.path = self.directory / "runs.jsonl"
+        self.path = self.directory / RUNS_FILE
 
     def records(self) -> list[dict[str, Any]]:
-        if not self.path.exists():
-            return []
-        records = []
-        for number, line in enumerate(self.path.read_text().splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{self.path}, line {number}: not valid JSON ({error})") from error
-        return records
+        """Every record written so far (none when the file does not exist yet)."""
+        return read_records(self.path) if self.path.exists() else []
 
     def done_ids(self) -> set[str]:
         return {record["run_id"] for record in self.records() if "run_id" in record}

@@ -1,0 +1,293 @@
+"""Per-method and per-task summaries of the run records: the numbers behind every table.
+
+Pure functions of the run records; nothing reads files or draws. Protocol encoded here:
+
+- each method at its validation-selected learning rate (:func:`.selection.select_lr`); the test
+  metric is only ever read at that LR;
+- each Fisher variant ("ours": every method that is not a baseline, :mod:`.roles`) is compared with
+  the best baseline (highest mean test metric at its own best LR), paired by seed: mean difference,
+  paired t-test, exact sign-flip test, wins / ties / losses (:mod:`.paired`);
+- convergence: steps each seed needs to reach vanilla LoRA's final training loss;
+- failed runs (an ``"error"`` entry or a non-finite metric) are counted and listed, never averaged.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from .curves import mean_curve, run_curve, smooth, steps_to_reach
+from .paired import MAX_EXACT_SIGN_FLIP_N, paired_t_test, sign_flip_p
+from .roles import is_baseline, method_order
+from .selection import Run, dedupe, is_failed, median, number, per_seed, select_lr
+
+REFERENCE_METHOD = "lora"
+"""Vanilla LoRA: its final training loss is the convergence target."""
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """One Fisher variant against the best baseline, paired by seed (differences are ours - baseline)."""
+
+    baseline: str
+    seeds: tuple[int, ...]
+    differences: tuple[float, ...]
+    mean_difference: float
+    p_t_test: float
+    p_sign_flip: float
+    wins: int
+    ties: int
+    losses: int
+
+
+@dataclass(frozen=True)
+class FailedRun:
+    """A run excluded from every mean, with the reason it carries."""
+
+    run_id: str
+    method: str
+    lr: float
+    seed: int
+    error: str
+
+
+@dataclass(frozen=True)
+class MethodSummary:
+    """One method on one task, at its validation-selected learning rate.
+
+    ``test_*``/``val_mean``/``seeds``/``mean_curve_*`` use the successful runs at ``best_lr``; the
+    cost medians use every run of the method whose field is finite (initialization and training
+    cost do not depend on the LR). ``steps_to_lora_loss`` maps each seed at ``best_lr`` to the first
+    step reaching the LoRA target (None: never reached); ``steps_median`` counts never as +inf and
+    is None if that median is infinite or there is no target. ``best_lr`` is None when every run of
+    the method failed.
+    """
+
+    method: str
+    is_baseline: bool
+    best_lr: float | None
+    lr_grid: tuple[float, ...]
+    at_edge: bool
+    seeds: tuple[int, ...]
+    test_mean: float
+    test_std: float
+    val_mean: float
+    init_seconds_median: float
+    init_peak_rss_mb_median: float
+    init_stats_mb_median: float
+    train_seconds_median: float
+    steps_to_lora_loss: dict[int, int | None]
+    steps_median: float | None
+    n_runs: int
+    n_failed: int
+    mean_curve_steps: tuple[int, ...] = ()
+    mean_curve_loss: tuple[float, ...] = ()
+    comparison: Comparison | None = None
+
+    @property
+    def swept(self) -> bool:
+        """Whether more than one LR was tried."""
+        return len(self.lr_grid) >= 2
+
+    @property
+    def n_reached(self) -> int:
+        """Seeds whose curve reached the LoRA target."""
+        return sum(v is not None for v in self.steps_to_lora_loss.values())
+
+
+@dataclass(frozen=True)
+class TaskSummary:
+    """Every method on one (preset, task): the rows of one table."""
+
+    preset: str
+    task: str
+    metric_name: str
+    methods: list[MethodSummary]
+    best_baseline: str | None
+    lora_target_loss: float | None
+    failed_runs: list[FailedRun] = field(default_factory=list)
+    n_runs: int = 0
+
+    @property
+    def n_failed(self) -> int:
+        """Failed runs on this task, all methods together."""
+        return len(self.failed_runs)
+
+    @property
+    def seeds(self) -> tuple[int, ...]:
+        """Every seed behind at least one cell."""
+        return tuple(sorted({s for m in self.methods for s in m.seeds}))
+
+    def method(self, name: str) -> MethodSummary:
+        """The row of ``name``; ``KeyError`` if absent."""
+        for summary in self.methods:
+            if summary.method == name:
+                return summary
+        raise KeyError(name)
+
+
+def _compare(ours: Mapping[int, float], baseline: Mapping[int, float], baseline_name: str) -> Comparison:
+    """Paired comparison over the seeds both sides have."""
+    seeds = tuple(sorted(set(ours) & set(baseline)))
+    diffs = np.asarray([ours[s] - baseline[s] for s in seeds], dtype=float)
+    mean, p_t = paired_t_test(diffs)
+    p_sign = sign_flip_p(diffs) if diffs.size <= MAX_EXACT_SIGN_FLIP_N else math.nan
+    return Comparison(
+        baseline=baseline_name,
+        seeds=seeds,
+        differences=tuple(float(x) for x in diffs),
+        mean_difference=mean,
+        p_t_test=p_t,
+        p_sign_flip=p_sign,
+        wins=int(np.count_nonzero(diffs > 0)),
+        ties=int(np.count_nonzero(diffs == 0)),
+        losses=int(np.count_nonzero(diffs < 0)),
+    )
+
+
+def _steps_for_runs(runs: Sequence[Run], target: float | None, smooth_window: int) -> dict[int, int | None]:
+    """Per seed (successful runs), the first step at which the smoothed curve reaches ``target``."""
+    if target is None:
+        return {}
+    out: dict[int, int | None] = {}
+    for run in sorted(runs, key=lambda r: int(r["seed"])):
+        if is_failed(run):
+            continue
+        steps, losses = run_curve(run)
+        out[int(run["seed"])] = steps_to_reach(steps, smooth(losses, smooth_window), target)
+    return out
+
+
+def _steps_median(steps: Mapping[int, int | None]) -> float | None:
+    """Median steps with 'never reached' as +inf; None when empty or the median is infinite."""
+    if not steps:
+        return None
+    values = [math.inf if v is None else float(v) for v in steps.values()]
+    median = float(np.median(values))
+    return median if math.isfinite(median) else None
+
+
+def _summarize_method(method: str, runs: Sequence[Run], target: float | None, smooth_window: int) -> MethodSummary:
+    """Summary row of one method on one task (without the comparison, added afterwards)."""
+    grid = tuple(sorted({float(run["lr"]) for run in runs}))
+    n_failed = sum(is_failed(run) for run in runs)
+    costs = {
+        key: median(number(run, key) for run in runs)
+        for key in ("init_seconds", "init_peak_rss_mb", "init_stats_mb", "train_seconds")
+    }
+    empty = MethodSummary(
+        method=method, is_baseline=is_baseline(method), best_lr=None, lr_grid=grid, at_edge=False, seeds=(),
+        test_mean=math.nan, test_std=math.nan, val_mean=math.nan,
+        init_seconds_median=costs["init_seconds"], init_peak_rss_mb_median=costs["init_peak_rss_mb"],
+        init_stats_mb_median=costs["init_stats_mb"], train_seconds_median=costs["train_seconds"],
+        steps_to_lora_loss={}, steps_median=None, n_runs=len(runs), n_failed=n_failed,
+    )
+    if n_failed == len(runs):
+        return empty
+    selection = select_lr(runs)
+    at_lr = [run for run in runs if float(run["lr"]) == selection.lr]
+    test = per_seed(at_lr, "test_metric")
+    val = per_seed(at_lr, "val_metric")
+    test_values = np.asarray(list(test.values()), dtype=float)
+    steps = _steps_for_runs(at_lr, target, smooth_window)
+    curve_steps, curve_loss = mean_curve([run_curve(run) for run in at_lr if not is_failed(run)])
+    return replace(
+        empty,
+        best_lr=selection.lr,
+        at_edge=selection.at_edge,
+        seeds=tuple(test),
+        test_mean=float(test_values.mean()),
+        test_std=float(test_values.std(ddof=1)) if test_values.size > 1 else 0.0,
+        val_mean=float(np.mean(list(val.values()))),
+        steps_to_lora_loss=steps,
+        steps_median=_steps_median(steps),
+        mean_curve_steps=tuple(curve_steps),
+        mean_curve_loss=tuple(curve_loss),
+    )
+
+
+def _lora_target(runs: Sequence[Run]) -> float | None:
+    """Median over seeds of vanilla LoRA's final training loss at LoRA's best LR (None if unavailable)."""
+    lora_runs = [run for run in runs if run["method"] == REFERENCE_METHOD]
+    if not lora_runs or all(is_failed(run) for run in lora_runs):
+        return None
+    lr = select_lr(lora_runs).lr
+    finals = per_seed([run for run in lora_runs if float(run["lr"]) == lr], "final_train_loss")
+    target = median(finals.values())
+    return target if math.isfinite(target) else None
+
+
+def _best_baseline(methods: Sequence[MethodSummary]) -> MethodSummary | None:
+    """Baseline with the highest mean test metric at its own best LR (first in display order on ties)."""
+    candidates = [m for m in methods if m.is_baseline and m.best_lr is not None and math.isfinite(m.test_mean)]
+    if not candidates:
+        return None
+    return max(candidates, key=lambda m: m.test_mean)  # max keeps the first of equal maxima
+
+
+def _failed_runs(runs: Iterable[Run]) -> list[FailedRun]:
+    """The failed runs, in file order, with their reason."""
+    return [
+        FailedRun(
+            run_id=str(run.get("run_id", "?")),
+            method=str(run["method"]),
+            lr=float(run["lr"]),
+            seed=int(run["seed"]),
+            error=str(run.get("error") or "non-finite metric"),
+        )
+        for run in runs
+        if is_failed(run)
+    ]
+
+
+def _summarize_task(preset: str, task: str, runs: Sequence[Run], smooth_window: int) -> TaskSummary:
+    """One table: every method of one (preset, task)."""
+    metric_names = {str(run.get("metric_name", "metric")) for run in runs}
+    target = _lora_target(runs)
+    by_method: dict[str, list[Run]] = {}
+    for run in runs:
+        by_method.setdefault(str(run["method"]), []).append(run)
+    methods = [_summarize_method(m, by_method[m], target, smooth_window) for m in method_order(by_method)]
+    best = _best_baseline(methods)
+    if best is not None:
+        best_test = per_seed([r for r in by_method[best.method] if float(r["lr"]) == best.best_lr], "test_metric")
+        methods = [
+            _with_comparison(m, by_method[m.method], best_test, best.method)
+            if not m.is_baseline and m.best_lr is not None
+            else m
+            for m in methods
+        ]
+    return TaskSummary(
+        preset=preset,
+        task=task,
+        metric_name="/".join(sorted(metric_names)),
+        methods=methods,
+        best_baseline=best.method if best else None,
+        lora_target_loss=target,
+        failed_runs=_failed_runs(runs),
+        n_runs=len(runs),
+    )
+
+
+def _with_comparison(
+    summary: MethodSummary, runs: Sequence[Run], baseline_test: Mapping[int, float], baseline: str
+) -> MethodSummary:
+    """``summary`` with its paired comparison against the best baseline filled in."""
+    ours = per_seed([r for r in runs if float(r["lr"]) == summary.best_lr], "test_metric")
+    return replace(summary, comparison=_compare(ours, baseline_test, baseline))
+
+
+def summarize(runs: Iterable[Run], smooth_window: int = 1) -> list[TaskSummary]:
+    """Summaries of every (preset, task) in ``runs``, sorted by (preset, task).
+
+    Repeated ``run_id``s keep the last line. ``smooth_window`` (default 1: curves are used as logged)
+    applies a trailing moving average to each training-loss curve before measuring steps to reach
+    vanilla LoRA's final loss. See :class:`MethodSummary` for what each number is computed from.
+    """
+    by_task: dict[tuple[str, str], list[Run]] = {}
+    for run in dedupe(runs):
+        by_task.setdefault((str(run.get("preset", "")), str(run["task"])), []).append(run)
+    return [_summarize_task(preset, task, by_task[(preset, task)], smooth_window) for preset, task in sorted(by_task)]
