@@ -1,9 +1,16 @@
 """Forward hooks that record each targeted layer's calls, and one pass of the data through the model.
 
-A forward hook records a layer's input rows `x_t` and its output `y`; after the loss is formed, one
-`torch.autograd.grad` call returns `dL/dy` for every recorded output at once, so per-example
-gradients are never formed. The hooks live only inside `collection_mode`, which also puts the model
-in eval mode with gradients on the targets' weights only, and undoes all of it on every exit path.
+A forward hook records a layer's input rows `x_t` (a float32 copy) and the autograd edge of its
+output `y`; after the loss is formed, one `torch.autograd.grad` call returns `dL/dy` at every
+recorded edge at once, so per-example gradients are never formed. The edge, not the tensor: an
+in-place op after the layer (`ReLU(inplace=True)`, `h += x`, `h.mul_(s)`) rebases the tensor `y` onto
+the op's output, and the gradient at the tensor would be the one after the op. The edge keeps the
+node that produced `y` (as curvlinops and SINGD do with a tensor hook registered in the forward
+hook, without the weight gradients they need to trigger it). The input copy likewise survives an
+in-place write to the layer's input (`x += fc(x)`).
+
+The hooks live only inside `collection_mode`, which also puts the model in eval mode with gradients
+on the targets' weights only, and undoes all of it on every exit path.
 What the loss is, and which positions it keeps, is the step's business (`strategy.py`).
 """
 
@@ -16,6 +23,7 @@ from typing import Any, Protocol
 
 import torch
 from torch import nn
+from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from ..config import FisherConfig
 from .accumulators import LayerAccumulator
@@ -29,7 +37,7 @@ class Record:
 
     accumulator: LayerAccumulator
     rows: TokenRows
-    output: torch.Tensor
+    output_edge: GradientEdge | None  # None: the output is not in the autograd graph
     kept_inputs: torch.Tensor | None = None
     row_mask: torch.Tensor | None = None
 
@@ -76,14 +84,15 @@ class Recorder:
         if not torch.isfinite(loss):
             # detach: float() of a grad-requiring tensor emits a UserWarning alongside the error
             raise StatisticsError(f"non-finite loss ({float(loss.detach())}) at batch {batch_index}")
+        edges = []
         for record in self.records:
-            if not record.output.requires_grad:
+            if record.output_edge is None:
                 raise StatisticsError(
                     f"the output of module {record.accumulator.name!r} is not part of the autograd graph "
                     "(was it called under torch.no_grad or inference_mode?)"
                 )
-        gradients = torch.autograd.grad(loss, [record.output for record in self.records], retain_graph=retain,
-                                        allow_unused=True)
+            edges.append(record.output_edge)
+        gradients = torch.autograd.grad(loss, edges, retain_graph=retain, allow_unused=True)
         for record, gradient in zip(self.records, gradients, strict=True):
             assert record.kept_inputs is not None
             rows = None
@@ -139,7 +148,8 @@ def _record_hook(accumulator: LayerAccumulator, recorder: Recorder):  # noqa: AN
         if not isinstance(output, torch.Tensor) or not args or not isinstance(args[0], torch.Tensor):
             raise TypeError(f"module {target.name!r} did not map a tensor to a tensor; cannot record it")
         rows = input_rows(target.weight_module, target.layer_type, args[0])
-        recorder.records.append(Record(accumulator, rows, output))
+        edge = get_gradient_edge(output) if output.requires_grad else None
+        recorder.records.append(Record(accumulator, rows, edge))
 
     return hook
 

@@ -86,7 +86,7 @@ class TokenRows:
 
 
 def input_rows(module: nn.Module, layer_type: str, layer_input: torch.Tensor) -> TokenRows:
-    """Flatten a layer's input into per-token rows `x_t` (float32).
+    """Flatten a layer's input into per-token rows `x_t` (a float32 copy).
 
     Linear/Conv1D: `(..., d_in)` -> `(N, d_in)`; Conv2d: `(B, C, H, W)` -> unfolded patches
     `(B * L, C * kh * kw)`, matching `weight.reshape(C_out, -1)` column order.
@@ -106,7 +106,10 @@ def input_rows(module: nn.Module, layer_type: str, layer_input: torch.Tensor) ->
         batch, features, positions = patches.shape
         return TokenRows(patches.transpose(1, 2).reshape(-1, features), (batch, positions))
     leading = tuple(layer_input.shape[:-1])
-    return TokenRows(layer_input.detach().float().reshape(-1, layer_input.shape[-1]), leading)
+    # A copy even for float32 input: the model may overwrite its input in place after the layer
+    # has read it (`x += fc(x)`), before the rows are added to `A`.
+    rows = layer_input.detach().to(torch.float32, copy=True)
+    return TokenRows(rows.reshape(-1, layer_input.shape[-1]), leading)
 
 
 def output_gradient_rows(layer_type: str, output_gradient: torch.Tensor) -> torch.Tensor:

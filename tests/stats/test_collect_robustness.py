@@ -1,0 +1,86 @@
+"""Failure modes seen in public K-FAC/PEFT bug reports: in-place ops after a targeted layer, weights
+that are not materialized (ZeRO-3/FSDP), and layer groups over a shuffling dataloader."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import fisherlora as fl
+from models import pair_batches
+
+
+def config(**overrides) -> fl.FisherConfig:
+    values = {"progress": False, "collect_grad_mean": True, "num_batches": None}
+    values.update(overrides)
+    return fl.FisherConfig(**values)
+
+
+def assert_same_statistics(first: fl.FisherStats, second: fl.FisherStats, names: list[str] | None = None,
+                           rtol: float = 1e-5) -> None:
+    for name in names or list(second):
+        assert first[name].num_tokens == second[name].num_tokens, name
+        assert first[name].num_examples == second[name].num_examples, name
+        for key in ("act_cov", "grad_cov", "grad_mean"):
+            a, b = getattr(first[name], key), getattr(second[name], key)
+            scale = float(b.abs().max())
+            assert scale > 0, f"{name}.{key} is zero: the comparison would be vacuous"
+            torch.testing.assert_close(a, b, rtol=rtol, atol=1e-6 * scale,
+                                       msg=lambda m, name=name, key=key: f"{name}.{key}: {m}")
+
+
+# --------------------------------------------------------------------------------------------
+# In-place ops after a targeted layer
+# --------------------------------------------------------------------------------------------
+
+
+class AfterTarget(nn.Module):
+    """`stem -> fc1 -> op -> fc2`, where `op` runs in place or out of place on fc1's output or input."""
+
+    def __init__(self, op: str, inplace: bool) -> None:
+        super().__init__()
+        self.op, self.inplace = op, inplace
+        self.stem = nn.Linear(6, 6)
+        self.fc1 = nn.Linear(6, 6)
+        self.fc2 = nn.Linear(6, 3)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        hidden = self.stem(inputs)
+        out = self.fc1(hidden)
+        if self.op == "relu":  # nn.ReLU(inplace=True) after the layer
+            out = out.relu_() if self.inplace else torch.relu(out)
+        elif self.op == "scale":  # e.g. an in-place attention or residual scaling
+            out = torch.tanh(out.mul_(0.5) if self.inplace else out * 0.5)
+        elif self.op == "residual_output":  # h = fc(x); h += x
+            out = torch.tanh(out.add_(hidden) if self.inplace else out + hidden)
+        else:  # "residual_input": h = fc(x); x += h (the layer's own input is overwritten)
+            out = torch.tanh(hidden.add_(out) if self.inplace else hidden + out)
+        return self.fc2(out)
+
+
+@pytest.mark.parametrize("op", ["relu", "scale", "residual_output", "residual_input"])
+def test_inplace_op_after_a_target_gives_the_out_of_place_statistics(op: str) -> None:
+    torch.manual_seed(0)
+    reference_model = AfterTarget(op, inplace=False)
+    inplace_model = copy.deepcopy(reference_model)
+    inplace_model.inplace = True
+    batches = pair_batches(count=3, batch_size=4)
+    targets = ["fc1", "fc2"]
+    expected = fl.collect_fisher(reference_model, batches, config(), target_modules=targets)
+    actual = fl.collect_fisher(inplace_model, batches, config(), target_modules=targets)
+    assert_same_statistics(actual, expected)
+
+
+def test_inplace_relu_in_a_sequential() -> None:
+    """The issue's own input: Linear(6, 8) -> ReLU(inplace=True) -> Linear(8, 3), first Linear targeted."""
+    torch.manual_seed(0)
+    reference_model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    inplace_model = copy.deepcopy(reference_model)
+    inplace_model[1] = nn.ReLU(inplace=True)
+    batches = pair_batches(count=3, batch_size=5)
+    expected = fl.collect_fisher(reference_model, batches, config(), target_modules=["0"])
+    actual = fl.collect_fisher(inplace_model, batches, config(), target_modules=["0"])
+    assert_same_statistics(actual, expected)
