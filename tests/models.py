@@ -41,11 +41,11 @@ def tiny_bert(num_labels: int = 3, seed: int = 0):
     return BertForSequenceClassification(config).eval()
 
 
-def tiny_gpt2(seed: int = 0):
+def tiny_gpt2(seed: int = 0, vocab_size: int = 40):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
-    config = GPT2Config(vocab_size=40, n_positions=32, n_embd=16, n_layer=2, n_head=2,
+    config = GPT2Config(vocab_size=vocab_size, n_positions=32, n_embd=16, n_layer=2, n_head=2,
                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     return GPT2LMHeadModel(config).eval()
 
@@ -94,3 +94,52 @@ def image_batches(count: int = 2, batch_size: int = 3, classes: int = 3,
     generator = torch.Generator().manual_seed(seed)
     return [(torch.randn(batch_size, 2, 6, 6, generator=generator),
              torch.randint(0, classes, (batch_size,), generator=generator)) for _ in range(count)]
+
+
+# A ChatML template like SmolLM2's (without its default system message).
+CHATML_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+TOKENIZER_CORPUS = [
+    "Sort the words alphabetically: stone apple river -> apple river stone",
+    "Reverse the words: green music paper -> paper music green",
+    "What is two plus two? Four. The capital of France is Paris.",
+    "system user assistant hello there, how are you today?",
+]
+
+
+def tiny_tokenizer(chat_template: str | None = CHATML_TEMPLATE):
+    """A byte-level BPE tokenizer (GPT-2/SmolLM2 style) with ~300 tokens, trained in milliseconds.
+
+    EOS is `<|endoftext|>`; there is no pad token (like most causal LMs).
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    backend.train_from_iterator(TOKENIZER_CORPUS, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>")
+    tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+def tiny_llama(vocab_size: int, seed: int = 0, dtype: torch.dtype = torch.float32):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
+                         tie_word_embeddings=False, initializer_range=0.2)
+    return LlamaForCausalLM(config).to(dtype).eval()
+
+
+def save_causal_lm(folder, model, tokenizer):
+    """A model folder as `fisherlora init` and `from_pretrained` read it: weights, config, tokenizer."""
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

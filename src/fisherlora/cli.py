@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from .config import EIG_SCALES, FISHER_TYPES, GRAD_SCALES, FisherConfig
+from .jobs.common import DTYPES, TASKS
+
+MAX_PRINTED_LAYERS = 24  # beyond this, the per-layer lines are in report.json only
 
 
 def _add_fisher_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,17 +42,62 @@ def _command_methods(args: argparse.Namespace) -> int:
     return 0
 
 
-def _command_init(args: argparse.Namespace) -> int:
-    from .text_init import TextInitJob, run_text_init
+TASK_FIELDS = {"seq-cls": ("text_column", "label_column"),
+               "causal-lm": ("prompt_field", "completion_field", "messages_field")}
+JOB_FIELDS = ("rank", "alpha", "targets", "dtype", "device", "batch_size", "max_length", "seed")
 
-    job = TextInitJob(model=args.model, data=args.data, text_column=args.text_column, label_column=args.label_column,
-                      out=args.out, rank=args.rank, alpha=args.alpha if args.alpha is not None else 2 * args.rank,
-                      use_rslora=args.rslora, targets=args.targets, batch_size=args.batch_size,
-                      max_length=args.max_length, seed=args.seed, fisher=_fisher_config(args))
-    summary = run_text_init(job)
-    print(f"initialized {len(summary['layers'])} layers with {job.fisher.method} ({job.fisher.fisher} Fisher) "
-          f"on {summary['examples']} rows; wrote {job.out}/adapter, residual_model, stats.safetensors, report.json")
-    for layer in summary["layers"]:
+
+def _job_classes() -> dict[str, type]:
+    from .jobs.causal_lm import CausalLMInitJob
+    from .jobs.seq_cls import SeqClsInitJob
+
+    return {"seq-cls": SeqClsInitJob, "causal-lm": CausalLMInitJob}
+
+
+def _job_default(job_class: type, name: str) -> Any:
+    spec = {item.name: item for item in dataclasses.fields(job_class)}[name]
+    return spec.default_factory() if spec.default_factory is not dataclasses.MISSING else spec.default
+
+
+def _defaults_help(name: str) -> str:
+    """"default: X" from the job dataclasses, per task when the tasks differ."""
+    values = {task: _job_default(job_class, name) for task, job_class in _job_classes().items()}
+    shown = {task: " ".join(value) if isinstance(value, list) else value for task, value in values.items()}
+    if len(set(map(str, shown.values()))) == 1:
+        return f"default: {next(iter(shown.values()))}"
+    return "default: " + ", ".join(f"{value} for {task}" for task, value in shown.items())
+
+
+def _defaults_help_one(task: str, name: str) -> str:
+    return f"default: {_job_default(_job_classes()[task], name)}"
+
+
+def _command_init(args: argparse.Namespace) -> int:
+    from .jobs.causal_lm import run_causal_lm_init
+    from .jobs.common import model_config, resolve_task
+    from .jobs.seq_cls import run_seq_cls_init
+
+    task = resolve_task(args.model, model_config(args.model), args.task)
+    for other, names in TASK_FIELDS.items():
+        given = [name for name in names if getattr(args, name) is not None]
+        if other != task and given:
+            raise ValueError(f"--{given[0].replace('_', '-')} applies to --task {other}; the model in {args.model} "
+                             f"is initialized as {task}")
+    values = {name: getattr(args, name) for name in (*JOB_FIELDS, *TASK_FIELDS[task])}
+    job = _job_classes()[task](model=args.model, data=args.data, out=args.out, use_rslora=args.rslora,
+                               fisher=_fisher_config(args),
+                               **{name: value for name, value in values.items() if value is not None})
+    summary = run_causal_lm_init(job) if task == "causal-lm" else run_seq_cls_init(job)
+    layers = summary["layers"]
+    print(f"initialized {len(layers)} layers of a {task} model with {job.fisher.method} ({job.fisher.fisher} Fisher) "
+          f"on {summary['examples']} examples; wrote {', '.join(summary['outputs'])} to {job.out}")
+    energies = [layer["captured_energy"] for layer in layers if layer["captured_energy"] is not None]
+    if len(layers) > MAX_PRINTED_LAYERS:
+        if energies:
+            print(f"  fisher energy captured per layer: min {min(energies):.3f}, max {max(energies):.3f}; "
+                  f"every layer in {job.out}/report.json")
+        return 0
+    for layer in layers:
         energy = layer["captured_energy"]
         print(f"  {layer['name']}: r={layer['rank']} fisher energy={'-' if energy is None else f'{energy:.3f}'}")
     return 0
@@ -60,19 +110,36 @@ def build_parser() -> argparse.ArgumentParser:
     methods = commands.add_parser("methods", help="list every initialization with one line each")
     methods.set_defaults(handler=_command_methods)
 
-    init = commands.add_parser("init", help="initialize a LoRA adapter for a sequence-classification model")
-    init.add_argument("--model", required=True, help="model folder (AutoModelForSequenceClassification)")
-    init.add_argument("--data", required=True, help="CSV file (.csv or .csv.bz2)")
-    init.add_argument("--text-column", required=True)
-    init.add_argument("--label-column", required=True)
-    init.add_argument("--out", required=True)
-    init.add_argument("--rank", type=int, default=8)
+    init = commands.add_parser("init", help="initialize a LoRA adapter for a causal LM or a sequence classifier")
+    init.add_argument("--model", required=True, help="model folder (config.json, weights, tokenizer)")
+    init.add_argument("--data", required=True, help="causal-lm: JSONL or CSV of prompt/completion or messages "
+                      "records; seq-cls: CSV with a text and a label column (.bz2/.gz accepted)")
+    init.add_argument("--out", required=True, help="output folder (replaced atomically)")
+    init.add_argument("--task", choices=TASKS, default=None,
+                      help="default: causal-lm when config.json names a *ForCausalLM/*LMHeadModel, else seq-cls")
+    init.add_argument("--rank", type=int, default=None, help=_defaults_help("rank"))
     init.add_argument("--alpha", type=int, default=None, help="LoRA alpha (default 2 * rank)")
     init.add_argument("--rslora", action="store_true", help="scale by alpha / sqrt(r)")
-    init.add_argument("--targets", nargs="+", default=["query", "value"])
-    init.add_argument("--batch-size", type=int, default=16)
-    init.add_argument("--max-length", type=int, default=128)
-    init.add_argument("--seed", type=int, default=0)
+    init.add_argument("--targets", nargs="+", default=None, help="all-linear, module names, or one regular "
+                      "expression (full match); " + _defaults_help("targets"))
+    init.add_argument("--dtype", choices=DTYPES, default=None, help="dtype the model is loaded and the adapter "
+                      "written in; statistics accumulate in float32; " + _defaults_help("dtype"))
+    init.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    init.add_argument("--batch-size", type=int, default=None, help=_defaults_help("batch_size"))
+    init.add_argument("--max-length", type=int, default=None, help="longest example in tokens (causal-lm: a "
+                      "longer one is an error, never truncated; seq-cls: texts are truncated); "
+                      + _defaults_help("max_length"))
+    init.add_argument("--seed", type=int, default=None, help="seed of a new classification head")
+    seq_cls = init.add_argument_group("seq-cls data (CSV columns)")
+    seq_cls.add_argument("--text-column", default=None, help=_defaults_help_one("seq-cls", "text_column"))
+    seq_cls.add_argument("--label-column", default=None, help=_defaults_help_one("seq-cls", "label_column"))
+    causal = init.add_argument_group("causal-lm data (JSONL/CSV fields)")
+    causal.add_argument("--prompt-field", default=None, help=_defaults_help_one("causal-lm", "prompt_field"))
+    causal.add_argument("--completion-field", default=None,
+                        help=_defaults_help_one("causal-lm", "completion_field") + "; loss and statistics on it only")
+    causal.add_argument("--messages-field", default=None, help="list of {role, content} messages rendered with the "
+                        "tokenizer's chat template, loss on the assistant turns; "
+                        + _defaults_help_one("causal-lm", "messages_field"))
     _add_fisher_arguments(init)
     init.set_defaults(handler=_command_init)
 

@@ -197,6 +197,7 @@ def write_adapters(
             scaling,
             config,
             module_name=target.name,
+            factor_dtype=layer.lora_A[adapter_name].weight.dtype,
         )
         planned.append((target, rank, scaling, result))
     reports = []
@@ -214,6 +215,12 @@ def write_adapters(
         reports.append(LayerReport(target.name, rank, scaling, result.captured_energy, result.damping_added))
     _INITIAL_STATES.setdefault(model, {})[adapter_name] = initial
     return reports
+
+
+def adapter_is_zero(model: nn.Module, adapter_name: str = "default") -> bool:
+    """Whether every `B` of the adapter is zero: then `s B A = 0` and the base weights are unchanged."""
+    return all(not bool(_as_any(target.hook_module).lora_B[adapter_name].weight.any())
+               for target in find_target_layers(model, adapter_name))
 
 
 def _converted_config(peft_config: Any) -> Any:

@@ -4,7 +4,8 @@ Every loader reads files that ship inside an installed package or a Debian packa
 ``DATA.md``), so it works offline. Heavy imports (torch) happen inside the functions that
 need them.
 
-- :func:`read_labeled_csv` -- a user's own ``(text, label)`` CSV (optionally ``.bz2``).
+- :func:`read_labeled_csv` -- a user's own ``(text, label)`` CSV (optionally ``.bz2``); the
+  library's reader (``fisherlora.data.records``), shared with ``fisherlora init``.
 - :func:`load_rotten_tomatoes` -- 12,752 binary movie-review snippets (fresh / rotten).
 - :func:`load_fashion_mnist` -- Fashion-MNIST as uint8 tensors.
 - :func:`word_list_problems`, :func:`arithmetic_problems` -- procedural, seeded
@@ -14,18 +15,15 @@ need them.
 
 from __future__ import annotations
 
-import bz2
-import csv
 import gzip
 import importlib.util
-import io
 import random
-import sys
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from ..data.records import read_labeled_csv  # the csv task and `fisherlora init` share this reader
 
 if TYPE_CHECKING:
     import torch
@@ -37,64 +35,6 @@ FASHION_MNIST_CLASSES = (
 )
 ROTTEN_TOMATOES_FILE = "rotten_tomatoes_corpus_full.csv.bz2"
 ROTTEN_TOMATOES_LABELS = ("fresh", "rotten")
-
-
-# ----------------------------------------------------------------------------- CSV
-
-
-@contextmanager
-def _large_csv_fields() -> Iterator[None]:
-    """Temporarily lift csv's 128 KiB field limit (long plot summaries exist) and restore it."""
-    old = csv.field_size_limit()
-    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
-    try:
-        yield
-    finally:
-        csv.field_size_limit(old)
-
-
-def _open_text(path: Path) -> io.TextIOBase:
-    """Open ``path`` for csv reading; ``.bz2`` / ``.gz`` are decompressed on the fly."""
-    if path.name.endswith(".bz2"):
-        return bz2.open(path, "rt", encoding="utf-8", newline="")  # type: ignore[return-value]
-    if path.name.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8", newline="")  # type: ignore[return-value]
-    return open(path, encoding="utf-8", newline="")  # noqa: SIM115 - returned to the caller
-
-
-def read_csv_columns(path: str | Path, columns: Sequence[str]) -> list[list[str]]:
-    """Read the named columns of a CSV with a header row.
-
-    Returns one list of strings per requested column, all of the same length (one entry
-    per data row). Raises ``ValueError`` naming the file (and the column, listing the
-    columns present) when the file is missing or a column is absent.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"CSV file {str(path)!r} does not exist (wanted columns {list(columns)})")
-    with _large_csv_fields(), _open_text(path) as handle:
-        reader = csv.DictReader(handle)
-        present = list(reader.fieldnames or [])
-        for column in columns:
-            if column not in present:
-                raise ValueError(
-                    f"CSV file {str(path)!r} has no column {column!r}; columns present: {present}"
-                )
-        out: list[list[str]] = [[] for _ in columns]
-        for row in reader:
-            for values, column in zip(out, columns, strict=True):
-                values.append(row[column] if row[column] is not None else "")
-    return out
-
-
-def read_labeled_csv(path: str | Path, text_column: str, label_column: str) -> tuple[list[str], list[str]]:
-    """Read ``(texts, labels)`` from a CSV (plain, ``.bz2`` or ``.gz``) with a header row.
-
-    Returns two lists of equal length, one entry per data row; labels stay strings (the
-    caller maps them to ids). Missing file or column -> ``ValueError`` naming both.
-    """
-    texts, labels = read_csv_columns(path, [text_column, label_column])
-    return texts, labels
 
 
 # ----------------------------------------------------------------------------- Rotten Tomatoes

@@ -134,6 +134,7 @@ def run_initializer(
     scaling: float,
     config: FisherConfig,
     module_name: str = "<layer>",
+    factor_dtype: torch.dtype = torch.float32,
 ) -> InitResult:
     """Validate the inputs, run one initializer, and return factors plus residual in float32.
 
@@ -146,9 +147,12 @@ def run_initializer(
         scaling: LoRA scaling `s` (`alpha / r`, or `alpha / sqrt(r)` with rsLoRA).
         config: the `FisherConfig` (damping, scale rules).
         module_name: named in error messages.
+        factor_dtype: dtype the adapter stores `A` and `B` in (e.g. bfloat16): the factors are rounded
+            to it before the residual is formed.
 
     Returns:
-        `InitResult` with `residual + s * B @ A == W` up to float32 rounding.
+        `InitResult` with `residual + s * B @ A == W` up to float32 rounding of the residual (the
+        factors are exact values of `factor_dtype`, held in float32).
     """
     initializer = get_initializer(method)
     if weight.dim() != 2:
@@ -186,9 +190,9 @@ def run_initializer(
         )
     if not (torch.isfinite(lora_a).all() and torch.isfinite(lora_b).all()):
         raise FloatingPointError(f"initializer {method!r} produced non-finite factors for module {module_name!r}")
-    # The residual is formed from the factors as they will be stored (float32), so that
-    # residual + s * B @ A reproduces W to float32 rounding of the residual alone.
-    lora_a, lora_b = lora_a.float(), lora_b.float()
+    # The residual is formed from the factors as they will be stored (factor_dtype), so that
+    # residual + s * B @ A reproduces W to the rounding of the residual alone.
+    lora_a, lora_b = lora_a.to(factor_dtype).float(), lora_b.to(factor_dtype).float()
     product = scaling * lora_b.double() @ lora_a.double()
     residual = matrix - product
     captured = None

@@ -1,49 +1,43 @@
-"""The `fisherlora init` job: a sequence-classification model folder plus a labeled CSV in, an
-initialized adapter, its residual base model and the statistics out."""
+"""The `fisherlora init` job for sequence classification: a model folder plus a labeled CSV in, an
+initialized adapter (with a new or the trained classification head), its residual base model and
+the statistics out."""
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .api import collect_fisher, initialize_lora_fisher
-from .config import FisherConfig
-from .files import staged_directory
+from ..data.records import read_labeled_csv
+from .common import (
+    InitJob,
+    check_targets,
+    initialize,
+    layer_entries,
+    lora_model,
+    model_config,
+    parse_targets,
+    torch_dtype,
+    write_outputs,
+)
 
 
 @dataclass
-class TextInitJob:
-    """Arguments of `fisherlora init`.
+class SeqClsInitJob(InitJob):
+    """`fisherlora init` on a sequence classifier (`AutoModelForSequenceClassification`).
 
-    Attributes:
-        model: folder of a Hugging Face model loadable with `AutoModelForSequenceClassification`.
-        data: CSV file (optionally .bz2) with a text and a label column.
+    Attributes (besides `InitJob`'s):
+        data: CSV file (optionally .bz2/.gz) with a header row.
         text_column, label_column: column names.
-        out: output folder (written atomically).
-        rank, alpha: LoRA rank and alpha; `use_rslora` switches to `alpha / sqrt(r)`.
-        targets: LoRA target module names.
-        batch_size, max_length: calibration batches.
-        fisher: FisherConfig (method, Fisher type, number of batches, damping, ...).
-        seed: seed of the new classification head.
     """
 
-    model: str
-    data: str
-    text_column: str
-    label_column: str
-    out: str
-    rank: int = 8
-    alpha: int = 16
-    use_rslora: bool = False
-    targets: list[str] = field(default_factory=lambda: ["query", "value"])
+    targets: list[str] | None = field(default_factory=lambda: ["query", "value"])
     batch_size: int = 16
     max_length: int = 128
-    seed: int = 0
-    fisher: FisherConfig = field(default_factory=FisherConfig)
+    text_column: str = "text"
+    label_column: str = "label"
 
 
 def _label_ids(labels: list[str], model_config: Any, data: str, label_column: str) -> tuple[list[int], dict[str, int]]:
@@ -90,7 +84,7 @@ def _batches(tokenizer: Any, texts: list[str], labels: list[int], batch_size: in
     return batches
 
 
-def run_text_init(job: TextInitJob) -> dict[str, Any]:
+def run_seq_cls_init(job: SeqClsInitJob) -> dict[str, Any]:
     """Collect statistics on the CSV, initialize a LoRA adapter, and write the output folder:
 
     - `adapter/`: the initialized PEFT adapter (with the new classification head); it applies to
@@ -98,51 +92,37 @@ def run_text_init(job: TextInitJob) -> dict[str, Any]:
     - `stats.safetensors`: the Fisher statistics; `report.json`: per-layer report and settings.
 
     After training, `fisherlora.save_as_lora(model, out, initial_adapter="OUT/adapter")` writes
-    an adapter for the original base model.
+    an adapter for the original base model. Texts longer than `max_length` tokens are truncated.
 
     Returns:
         the content of `report.json`.
     """
-    from peft import LoraConfig, TaskType, get_peft_model
-    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from .bench.data import read_labeled_csv
-
-    model_dir = Path(job.model)
-    if not (model_dir / "config.json").is_file():
-        raise FileNotFoundError(f"model folder {model_dir} has no config.json")
+    job.check()
+    targets = parse_targets(job.targets or [])
+    config = model_config(job.model)
     texts, raw_labels = read_labeled_csv(job.data, job.text_column, job.label_column)
     if not texts:
         raise ValueError(f"{job.data} has no rows")
-    model_config = AutoConfig.from_pretrained(model_dir)
-    labels, mapping = _label_ids(raw_labels, model_config, job.data, job.label_column)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    labels, mapping = _label_ids(raw_labels, config, job.data, job.label_column)
+    tokenizer = AutoTokenizer.from_pretrained(job.model)
     torch.manual_seed(job.seed)
     base = AutoModelForSequenceClassification.from_pretrained(
-        model_dir, num_labels=max(mapping.values()) + 1, id2label={v: k for k, v in mapping.items()},
-        label2id=mapping,
+        job.model, num_labels=max(mapping.values()) + 1, id2label={v: k for k, v in mapping.items()},
+        label2id=mapping, dtype=torch_dtype(job.dtype),
     )
-    lora_config = LoraConfig(task_type=TaskType.SEQ_CLS, r=job.rank, lora_alpha=job.alpha,
-                             target_modules=list(job.targets), use_rslora=job.use_rslora)
-    model: Any = get_peft_model(base, lora_config)
+    check_targets(base, targets, job.model)
+    model = lora_model(base, job, targets, "SEQ_CLS")
     batches = _batches(tokenizer, texts, labels, job.batch_size, job.max_length)
-    stats = collect_fisher(model, batches, job.fisher)
-    reports = initialize_lora_fisher(model, stats, job.fisher)
-
-    with staged_directory(job.out) as staging:
-        stats.save(staging / "stats.safetensors")
-        model.save_pretrained(str(staging / "adapter"))
-        # The residual base without the LoRA wrappers: unload() restores plain modules in place.
-        residual_model = model.unload()
-        residual_model.save_pretrained(str(staging / "residual_model"))
-        tokenizer.save_pretrained(str(staging / "residual_model"))
-        summary = {
-            "model": str(model_dir),
-            "data": job.data,
-            "examples": len(texts),
-            "labels": mapping,
-            "job": {**asdict(job), "fisher": job.fisher.to_dict()},
-            "layers": [asdict(report) for report in reports],
-        }
-        (staging / "report.json").write_text(json.dumps(summary, indent=2))
-    return summary
+    stats, reports = initialize(model, batches, job.fisher)
+    summary = {
+        "task": "seq-cls",
+        "model": str(Path(job.model)),
+        "data": job.data,
+        "examples": len(texts),
+        "labels": mapping,
+        "job": job.to_dict(),
+        "layers": layer_entries(reports, stats, model),
+    }
+    return write_outputs(job.out, model, tokenizer, stats, summary)

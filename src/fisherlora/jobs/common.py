@@ -1,0 +1,235 @@
+"""What every `fisherlora init` job shares: its settings, the checks made before any work (model
+folder, task type, targets), the LoRA model, the initialization, and the atomic output folder."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+import torch
+from torch import nn
+
+from ..api import collect_fisher, initialize_lora_fisher
+from ..config import FisherConfig
+from ..files import staged_directory
+from ..init.registry import get_initializer
+from ..peft import LayerReport, adapter_is_zero
+from ..stats.container import FisherStats
+
+TaskName = Literal["causal-lm", "seq-cls"]
+DtypeName = Literal["float32", "bfloat16", "float16"]
+TASKS: tuple[str, ...] = get_args(TaskName)
+DTYPES: tuple[str, ...] = get_args(DtypeName)
+ALL_LINEAR = "all-linear"  # PEFT's spelling: every nn.Linear / Conv1D except the output layer
+CAUSAL_LM_ARCHITECTURE_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+# A --targets value with one of these characters is a regular expression (PEFT: full match on the module name).
+REGEX_CHARACTERS = set("*+?[](){}|^$\\")
+
+
+@dataclass
+class InitJob:
+    """Settings of `fisherlora init` shared by every task; each task's job adds its data fields.
+
+    Attributes:
+        model: folder of a Hugging Face model (`config.json`, weights, tokenizer).
+        data: data file (see the task's job).
+        out: output folder, replaced atomically.
+        rank, alpha: LoRA rank and alpha (`None`: `2 * rank`); `use_rslora` scales by `alpha / sqrt(r)`.
+        targets: LoRA targets: `["all-linear"]`, module names (PEFT's suffix match), or one regular
+            expression (full match); `None`: the task's default.
+        dtype: dtype the model is loaded in; statistics are accumulated in float32 whatever it is,
+            and the adapter is written in this dtype.
+        device: where the model runs (`None`: "cuda" when available, else "cpu").
+        batch_size, max_length: calibration batches and the longest example in tokens.
+        seed: seed of new weights (a new classification head).
+        fisher: `FisherConfig` (method, Fisher type, number of batches, damping, ...).
+    """
+
+    model: str
+    data: str
+    out: str
+    rank: int = 8
+    alpha: int | None = None
+    use_rslora: bool = False
+    targets: list[str] | None = None
+    dtype: DtypeName = "float32"
+    device: str | None = None
+    batch_size: int = 16
+    max_length: int = 128
+    seed: int = 0
+    fisher: FisherConfig = field(default_factory=FisherConfig)
+
+    @property
+    def lora_alpha(self) -> int:
+        return self.alpha if self.alpha is not None else 2 * self.rank
+
+    def check(self) -> None:
+        """Refuse settings that cannot work, before anything is loaded."""
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        for name in ("rank", "batch_size", "max_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        get_initializer(self.fisher.method)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "fisher": self.fisher.to_dict()}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {name!r}")
+    return getattr(torch, name)  # type: ignore[no-any-return]
+
+
+def pick_device(device: str | None) -> torch.device:
+    return torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def model_config(model_dir: str | Path) -> Any:
+    """The model folder's `config.json`; `FileNotFoundError` naming the folder when it has none."""
+    from transformers import AutoConfig
+
+    folder = Path(model_dir)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"model folder {folder} has no config.json")
+    return AutoConfig.from_pretrained(folder)
+
+
+def is_causal_lm(config: Any) -> bool:
+    """Whether the checkpoint is a causal LM: its `architectures` name a `*ForCausalLM`/`*LMHeadModel` class."""
+    return any(str(name).endswith(CAUSAL_LM_ARCHITECTURE_SUFFIXES) for name in getattr(config, "architectures", None)
+               or [])
+
+
+def resolve_task(model_dir: str | Path, config: Any, task: str | None) -> TaskName:
+    """The task: `task` when given (a causal LM is required for "causal-lm"), else from the config."""
+    if task is None:
+        return "causal-lm" if is_causal_lm(config) else "seq-cls"
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    if task == "causal-lm" and not is_causal_lm(config):
+        raise ValueError(
+            f"model folder {model_dir} is not a causal LM: its config.json names architectures "
+            f"{getattr(config, 'architectures', None)} (model_type {getattr(config, 'model_type', None)!r}); "
+            f"--task causal-lm needs a checkpoint of a *{' or *'.join(CAUSAL_LM_ARCHITECTURE_SUFFIXES)} class"
+        )
+    return task  # type: ignore[return-value]
+
+
+def parse_targets(values: list[str]) -> str | list[str]:
+    """PEFT's `target_modules` from the command line: "all-linear", one regex (a string), or names (a list)."""
+    if not values:
+        raise ValueError("--targets needs at least one value")
+    if values == [ALL_LINEAR]:
+        return ALL_LINEAR
+    patterns = [value for value in values if REGEX_CHARACTERS & set(value)]
+    if patterns and len(values) > 1:
+        raise ValueError(f"--targets: a regular expression ({patterns[0]!r}) must be the only value")
+    if patterns:
+        try:
+            re.compile(values[0])
+        except re.error as error:
+            raise ValueError(f"--targets {values[0]!r} is not a valid regular expression: {error}") from None
+        return values[0]
+    if ALL_LINEAR in values:
+        raise ValueError(f"--targets {ALL_LINEAR} must be the only value")
+    return list(values)
+
+
+def linear_layer_names(model: nn.Module) -> list[str]:
+    """Names of the modules LoRA can target in a causal LM or classifier: `nn.Linear` and transformers `Conv1D`."""
+    from transformers.pytorch_utils import Conv1D
+
+    return [name for name, module in model.named_modules() if isinstance(module, nn.Linear | Conv1D)]
+
+
+def summarize_names(names: list[str]) -> str:
+    """Names with their layer indices folded: `model.layers.<i>.mlp.up_proj (x30), lm_head`."""
+    folded = Counter(re.sub(r"\.\d+\.", ".<i>.", name) for name in names)
+    return ", ".join(f"{name} (x{count})" if count > 1 else name for name, count in folded.items())
+
+
+def check_targets(model: nn.Module, targets: str | list[str], model_dir: str | Path) -> None:
+    """Refuse targets that match no module, listing the linear layers the model has."""
+    from peft import LoraConfig
+    from peft.tuners.lora import LoraModel
+
+    linear = linear_layer_names(model)
+    if targets == ALL_LINEAR:
+        if not linear:
+            raise ValueError(f"--targets all-linear: the model in {model_dir} has no nn.Linear or Conv1D layer")
+        return
+    probe = LoraConfig(target_modules=targets)
+    if not any(name and LoraModel._check_target_module_exists(probe, name) for name, _ in model.named_modules()):
+        shown = " ".join(targets) if isinstance(targets, list) else targets
+        raise ValueError(f"--targets {shown} match no module of the model in {model_dir}; "
+                         f"its linear layers are: {summarize_names(linear)}")
+
+
+def lora_model(base: Any, job: InitJob, targets: str | list[str], task_type: str) -> Any:
+    """`get_peft_model` on `job.device` with the job's rank, alpha and targets; the adapter keeps the base
+    layers' dtype."""
+    from peft import LoraConfig, get_peft_model
+
+    base = base.to(pick_device(job.device))
+    config = LoraConfig(task_type=task_type, r=job.rank, lora_alpha=job.lora_alpha, target_modules=targets,
+                        use_rslora=job.use_rslora)
+    # autocast_adapter_dtype=False: PEFT would otherwise make a bfloat16 model's adapter float32.
+    return get_peft_model(base, config, autocast_adapter_dtype=False)
+
+
+def initialize(model: Any, batches: list[dict[str, torch.Tensor]],
+               config: FisherConfig) -> tuple[FisherStats | None, list[LayerReport]]:
+    """Collect statistics (when the method needs them) and initialize the adapter in place."""
+    stats = collect_fisher(model, batches, config) if get_initializer(config.method).needs_statistics else None
+    return stats, initialize_lora_fisher(model, stats, config)
+
+
+def layer_entries(reports: list[LayerReport], stats: FisherStats | None, model: Any) -> list[dict[str, Any]]:
+    """Per layer: what was captured (Fisher energy), from how many tokens, at which shape and dtype."""
+    from ..peft import find_target_layers
+    from ..stats.layers import weight_matrix
+
+    weights = {target.name: weight_matrix(target.weight_module, target.layer_type)
+               for target in find_target_layers(model)}
+    entries = []
+    for report in reports:
+        weight = weights[report.name]
+        entries.append({
+            **asdict(report),
+            "shape": list(weight.shape),
+            "dtype": str(weight.dtype).removeprefix("torch."),
+            "tokens": stats.layers[report.name].num_tokens if stats is not None else None,
+        })
+    return entries
+
+
+def write_outputs(out: str | Path, model: Any, tokenizer: Any, stats: FisherStats | None,
+                  summary: dict[str, Any]) -> dict[str, Any]:
+    """Write `adapter/`, `residual_model/` (when the adapter does not start at zero), `stats.safetensors`
+    (when statistics were collected) and `report.json` into `out`, all or nothing.
+
+    Returns:
+        `summary` with `outputs` (the names written) added: the content of `report.json`.
+    """
+    writes_residual = not adapter_is_zero(model)
+    with staged_directory(out) as staging:
+        outputs = ["adapter"]
+        model.save_pretrained(str(staging / "adapter"))
+        if stats is not None:
+            stats.save(staging / "stats.safetensors")
+            outputs.append("stats.safetensors")
+        if writes_residual:
+            # The residual base without the LoRA wrappers: unload() restores plain modules in place.
+            residual_model = model.unload()
+            residual_model.save_pretrained(str(staging / "residual_model"))
+            tokenizer.save_pretrained(str(staging / "residual_model"))
+            outputs.append("residual_model")
+        summary = {**summary, "outputs": [*outputs, "report.json"]}
+        (staging / "report.json").write_text(json.dumps(summary, indent=2))
+    return summary
