@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import fisherlora as fl
-from models import pair_batches
+from models import TinyCNN, TinyMLP, pair_batches, tiny_gpt2
 
 
 def config(**overrides) -> fl.FisherConfig:
@@ -84,3 +84,46 @@ def test_inplace_relu_in_a_sequential() -> None:
     expected = fl.collect_fisher(reference_model, batches, config(), target_modules=["0"])
     actual = fl.collect_fisher(inplace_model, batches, config(), target_modules=["0"])
     assert_same_statistics(actual, expected)
+
+
+# --------------------------------------------------------------------------------------------
+# Weights that are not materialized (ZeRO-3 / FSDP partitions, meta tensors)
+# --------------------------------------------------------------------------------------------
+
+
+class NeverIterated:
+    """A dataloader that fails the test if collection starts iterating it."""
+
+    def __iter__(self):  # noqa: ANN204
+        raise AssertionError("the dataloader was iterated before the weights were checked")
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv2d", "conv1d", "peft", "meta"])
+def test_partitioned_weight_is_refused_before_any_batch(kind: str) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    model: nn.Module
+    if kind == "conv1d":  # transformers' GPT-2 Conv1D
+        model = tiny_gpt2()
+        model.transformer.h[1].attn.c_attn.weight.data = torch.empty(0)
+        name, kwargs = r"transformer\.h\.1\.attn\.c_attn", {"target_modules": ["c_attn"]}
+    elif kind == "conv2d":
+        model = TinyCNN()
+        model.conv2.weight.data = torch.empty(0)  # what ZeRO-3 leaves on a rank outside a gather
+        name, kwargs = "conv2", {"target_modules": ["conv1", "conv2"]}
+    elif kind == "peft":
+        model = get_peft_model(TinyMLP(), LoraConfig(r=2, target_modules=["fc1", "fc2"]))
+        model.base_model.model.fc2.base_layer.weight.data = torch.empty(0)
+        name, kwargs = "fc2", {}
+    else:
+        model = TinyMLP()
+        if kind == "meta":
+            model.fc2.weight = nn.Parameter(torch.empty(3, 5, device="meta"))
+        else:
+            model.fc2.weight.data = torch.empty(0)
+        name, kwargs = "fc2", {"target_modules": ["fc1", "fc2"]}
+    flags = {key: p.requires_grad for key, p in model.named_parameters()}
+    with pytest.raises(fl.StatisticsError, match=rf"module '{name}'.*(partitioned|not materialized).*"
+                                                 r"docs/scaling\.md"):
+        fl.collect_fisher(model, NeverIterated(), config(), **kwargs)
+    assert {key: p.requires_grad for key, p in model.named_parameters()} == flags

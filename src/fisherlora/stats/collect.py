@@ -25,7 +25,7 @@ from .accumulators import LayerAccumulator, all_reduce
 from .container import FisherStats, LayerStats
 from .errors import StatisticsError
 from .hooks import collect_pass
-from .layers import TargetLayer, weight_matrix
+from .layers import TargetLayer, check_materialized, weight_matrix
 from .objective import IGNORE_INDEX, LossFn, SampleFn
 from .sketch import layer_statistics_bytes
 from .strategy import choose_step
@@ -104,10 +104,13 @@ def collect_statistics(
 
     Raises:
         ValueError: no target, a one-shot iterator with `layer_groups > 1`, or the true Fisher with
-            a `loss_fn` but no `sample_fn`. StatisticsError: the data gave no usable statistic.
+            a `loss_fn` but no `sample_fn`. StatisticsError: a targeted weight is partitioned or not
+            materialized (before any batch), or the data gave no usable statistic.
     """
     if not targets:
         raise ValueError("no layer to collect statistics for: the model has no targeted layer")
+    for target in targets:
+        check_materialized(target.name, target.weight_module, target.layer_type)
     step = choose_step(config, loss_fn, sample_fn)
     groups = layer_groups(targets, config, with_grad_mean)
     if len(groups) > 1:

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as functional
 from torch import nn
 
+from .errors import StatisticsError
+
 
 @dataclass
 class TargetLayer:
@@ -37,7 +39,9 @@ def module_weight(module: nn.Module) -> torch.Tensor:
 
 def _is_hf_conv1d(module: nn.Module) -> bool:
     # transformers' GPT-2 Conv1D: a Linear whose weight is stored (d_in, d_out).
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and module_weight(module).dim() == 2
+    # An empty weight (a ZeRO-3 partition) is still recognized, so that it is refused as partitioned.
+    weight = module_weight(module)
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and (weight.dim() == 2 or weight.numel() == 0)
 
 
 def layer_type_of(name: str, module: nn.Module) -> str:
@@ -58,6 +62,45 @@ def layer_type_of(name: str, module: nn.Module) -> str:
     raise TypeError(
         f"module {name!r} has type {type(module).__name__}; fisherlora supports nn.Linear, transformers Conv1D "
         "and nn.Conv2d (groups == 1)"
+    )
+
+
+PARTITIONED_WEIGHTS_DOC = "docs/scaling.md, section 'Partitioned weights (ZeRO-3, FSDP)'"
+
+
+def _declared_weight_shape(module: nn.Module, layer_type: str) -> tuple[int, ...] | None:
+    """The weight shape the module's own attributes declare, where they do."""
+    if layer_type == "linear" and hasattr(module, "in_features"):
+        return (int(module.out_features), int(module.in_features))  # type: ignore[arg-type]
+    if layer_type == "conv1d" and hasattr(module, "nx"):
+        return (int(module.nx), int(module.nf))  # type: ignore[arg-type]
+    if layer_type == "conv2d":
+        assert isinstance(module, nn.Conv2d)
+        return (module.out_channels, module.in_channels // module.groups, *module.kernel_size)
+    return None
+
+
+def check_materialized(name: str, module: nn.Module, layer_type: str) -> None:
+    """Raise `StatisticsError` naming the module if its weight is partitioned or not materialized.
+
+    DeepSpeed ZeRO-3 and FSDP leave each rank an empty (or flat, partial) tensor outside their
+    forward; a model built on the meta device has no values at all. Collection needs the weight's
+    shape before the first batch and its values for the fingerprint.
+    """
+    weight = module_weight(module)
+    declared = _declared_weight_shape(module, layer_type)
+    expected_dims = 4 if layer_type == "conv2d" else 2
+    if weight.is_meta:
+        problem = "is on the meta device (not materialized)"
+    elif weight.numel() == 0 or weight.dim() != expected_dims:
+        problem = f"has shape {tuple(weight.shape)}: it is partitioned or not materialized"
+    elif declared is not None and tuple(weight.shape) != declared:
+        problem = f"has shape {tuple(weight.shape)} where the module declares {declared}: it is partitioned"
+    else:
+        return
+    raise StatisticsError(
+        f"the weight of module {name!r} {problem} (DeepSpeed ZeRO-3 and FSDP keep only a shard per rank); "
+        f"gather the targeted weights first, see {PARTITIONED_WEIGHTS_DOC}"
     )
 
 
