@@ -101,10 +101,13 @@ def write_overview(results_dirs: Sequence[str | os.PathLike[str]], out_dir: str 
     """Summarize every ``results_dirs[i]/runs.jsonl`` together and write ``overview.md`` and
     ``overview.png`` into ``out_dir`` (default: the folders' common parent).
 
+    Stage 1 only (LR grid on the tuning seeds): stage 2's evidence is the verdict (:mod:`.verdict`).
+
     Returns:
-        ``(markdown path, plot path, the task summaries in the order of results_dirs)``.
+        ``(markdown path, plot path, the stage-1 task summaries in the order of results_dirs)``.
     """
-    summaries = [summary for folder in results_dirs for summary in summarize(load_runs(folder))]
+    summaries = [summary for folder in results_dirs for summary in summarize(load_runs(folder))
+                 if summary.stage == "tune"]
     target = Path(out_dir) if out_dir is not None else Path(os.path.commonpath([os.path.abspath(d)
                                                                                  for d in results_dirs]))
     sources = ", ".join(f"`{Path(d).name}/runs.jsonl`" for d in results_dirs)

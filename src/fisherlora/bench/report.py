@@ -37,6 +37,7 @@ COLUMNS: tuple[str, ...] = (
     "init peak MB",
     "failed runs",
 )
+EVAL_COLUMNS: tuple[str, ...] = ("collapsed runs (one predicted class)",)
 
 
 # ----------------------------------------------------------------------------- formatting
@@ -48,9 +49,11 @@ def _metric_cell(m: MethodSummary) -> str:
     return f"{m.test_mean:.4f} ± {m.test_std:.4f} ({len(m.seeds)})"
 
 
-def _lr_cell(m: MethodSummary) -> str:
+def _lr_cell(m: MethodSummary, stage: str) -> str:
     if m.best_lr is None:
         return MISSING
+    if stage == "eval":  # fixed by stage 1: no grid here to judge
+        return fmt_lr(m.best_lr)
     if not m.swept:
         return f"{fmt_lr(m.best_lr)} ({NO_SWEEP_MARK})"
     return f"{fmt_lr(m.best_lr)} ({EDGE_MARK})" if m.at_edge else fmt_lr(m.best_lr)
@@ -73,12 +76,16 @@ def _comparison_cells(m: MethodSummary) -> list[str]:
     return [delta, fmt_p(c.p_t_test), fmt_p(c.p_sign_flip), f"{c.wins}/{c.ties}/{c.losses}"]
 
 
-def _row(m: MethodSummary, best_baseline: str | None) -> list[str]:
-    name = f"**{m.method}** (best baseline)" if m.method == best_baseline else m.method
-    return [
+def _collapsed_cell(m: MethodSummary) -> str:
+    return MISSING if m.n_collapsed is None else f"{m.n_collapsed}/{len(m.seeds)}"
+
+
+def _row(m: MethodSummary, summary: TaskSummary) -> list[str]:
+    name = f"**{m.method}** (best baseline)" if m.method == summary.best_baseline else m.method
+    cells = [
         name,
         _metric_cell(m),
-        _lr_cell(m),
+        _lr_cell(m, summary.stage),
         ", ".join(fmt_lr(lr) for lr in m.lr_grid),
         *_comparison_cells(m),
         _steps_cell(m),
@@ -86,6 +93,7 @@ def _row(m: MethodSummary, best_baseline: str | None) -> list[str]:
         fmt(m.init_peak_rss_mb_median, ".0f"),
         f"{m.n_failed}/{m.n_runs}",
     ]
+    return cells + [_collapsed_cell(m)] if summary.stage == "eval" else cells
 
 
 def _header(summary: TaskSummary) -> str:
@@ -94,12 +102,23 @@ def _header(summary: TaskSummary) -> str:
     grid_sizes = sorted({len(m.lr_grid) for m in summary.methods})
     lrs = str(grid_sizes[0]) if len(grid_sizes) == 1 else f"{grid_sizes[0]}–{grid_sizes[-1]}"
     best = summary.method(summary.best_baseline) if summary.best_baseline else None
+    target = fmt(summary.lora_target_loss, ".4g")
+    if summary.stage == "eval":
+        best_text = (
+            f"best baseline **{best.method}** (chosen on stage-1 validation; test {best.test_mean:.4f} at LR "
+            f"{fmt_lr(best.best_lr)})" if best else "the best stage-1 baseline has no stage-2 run: no comparison"
+        )
+        return (
+            f"### {summary.task} (preset {summary.preset}, stage 2: eval, metric {summary.metric_name})\n\n"
+            f"{best_text}; {len(seeds)} evaluation seeds ({', '.join(map(str, seeds))}); each method at its "
+            f"stage-1 LR; {summary.n_runs} runs, {summary.n_failed} failed. "
+            f"LoRA target loss (median final train loss): {target}."
+        )
     best_text = (
         f"best baseline **{best.method}** (test {best.test_mean:.4f} at LR {fmt_lr(best.best_lr)})"
         if best
         else "no baseline succeeded: no comparison"
     )
-    target = fmt(summary.lora_target_loss, ".4g")
     return (
         f"### {summary.task} (preset {summary.preset}, metric {summary.metric_name})\n\n"
         f"{best_text}; {len(seeds)} seeds ({', '.join(map(str, seeds))}); {lrs} LRs per method, "
@@ -109,9 +128,10 @@ def _header(summary: TaskSummary) -> str:
 
 
 def _table(summary: TaskSummary) -> str:
-    head = [col.format(metric=summary.metric_name) for col in COLUMNS]
+    columns = COLUMNS + (EVAL_COLUMNS if summary.stage == "eval" else ())
+    head = [col.format(metric=summary.metric_name) for col in columns]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-    lines += ["| " + " | ".join(_row(m, summary.best_baseline)) + " |" for m in summary.methods]
+    lines += ["| " + " | ".join(_row(m, summary)) + " |" for m in summary.methods]
     return "\n".join(lines)
 
 
@@ -157,9 +177,11 @@ def _markdown(runs: Sequence[dict[str, Any]], summaries: Sequence[TaskSummary]) 
 
 
 def plot_label(summary: TaskSummary, summaries: Sequence[TaskSummary]) -> str:
-    """File-name label of a task: the task name, prefixed by the preset when a task name repeats."""
-    repeated = sum(s.task == summary.task for s in summaries) > 1
+    """File-name label of a task: the task name, prefixed by the preset when a task name repeats within
+    a stage, suffixed ``-eval`` for stage 2."""
+    repeated = sum(s.task == summary.task and s.stage == summary.stage for s in summaries) > 1
     raw = f"{summary.preset}-{summary.task}" if repeated else summary.task
+    raw += "-eval" if summary.stage == "eval" else ""
     return re.sub(r"[^A-Za-z0-9._-]+", "_", raw)
 
 

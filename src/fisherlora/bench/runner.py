@@ -24,6 +24,7 @@ from .baselines import AdapterSpec, build_model, fisher_statistics_mb
 from .cost import measure
 from .provenance import git_state, machine, versions
 from .results import ResultsFile
+from .selection import Stage
 
 
 @dataclass
@@ -57,7 +58,8 @@ class TrainingConfig:
 
 @dataclass
 class RunSpec:
-    """One run. `task_options` are the task's own settings (subset sizes, lengths)."""
+    """One run. `task_options` are the task's own settings (subset sizes, lengths); `stage` is
+    recorded but not part of the run id (stage-2 runs differ from stage-1 runs by seed and test set)."""
 
     task: str
     method: str
@@ -67,6 +69,7 @@ class RunSpec:
     fisher: FisherConfig = field(default_factory=lambda: FisherConfig(progress=False))
     task_options: dict[str, Any] = field(default_factory=dict)
     preset: str = "custom"
+    stage: Stage = "tune"
 
     def config_dict(self) -> dict[str, Any]:
         return {"training": asdict(self.training), "fisher": self.fisher.to_dict(), "task_options": self.task_options}
@@ -247,6 +250,7 @@ def execute(spec: RunSpec, task: Any, show_progress: bool = True) -> dict[str, A
     record: dict[str, Any] = {
         "run_id": spec.run_id(),
         "preset": spec.preset,
+        "stage": spec.stage,
         "task": spec.task,
         "method": spec.method,
         "seed": spec.seed,

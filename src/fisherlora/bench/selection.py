@@ -12,17 +12,45 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, cast
 
 import numpy as np
 
 Run = Mapping[str, Any]
+
+Stage = Literal["tune", "eval"]
+"""Benchmark stage of a run: ``"tune"`` picks each method's learning rate on validation (stage 1),
+``"eval"`` runs each method at that LR on fresh seeds and larger test sets for the verdict (stage 2)."""
+STAGES: tuple[Stage, ...] = ("tune", "eval")
 
 
 def number(run: Run, key: str) -> float:
     """``run[key]`` as a float; missing or ``None`` becomes NaN."""
     value = run.get(key)
     return math.nan if value is None else float(value)
+
+
+def stage_of(run: Run) -> Stage:
+    """The run's stage; a record without ``"stage"`` (written before stages existed) is ``"tune"``.
+
+    Raises ``ValueError`` naming the run id for any other value.
+    """
+    stage = run.get("stage", "tune")
+    if stage not in STAGES:
+        raise ValueError(f"run {run.get('run_id', '?')!r}: stage must be one of {list(STAGES)}, got {stage!r}")
+    return cast(Stage, stage)
+
+
+COLLAPSE_FRACTION = 0.99
+"""A run whose most frequent predicted test class takes at least this share of the test set collapsed."""
+
+
+def is_collapsed(run: Run) -> bool | None:
+    """Whether the run's test predictions collapsed to one class (``test_predicted_majority_fraction``
+    >= :data:`COLLAPSE_FRACTION`); None when the record has no such field (a generation task, or a
+    run recorded before the field existed)."""
+    fraction = run.get("test_predicted_majority_fraction")
+    return None if fraction is None else float(fraction) >= COLLAPSE_FRACTION
 
 
 def is_failed(run: Run) -> bool:

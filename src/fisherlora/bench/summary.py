@@ -22,7 +22,7 @@ import numpy as np
 from .curves import mean_curve, run_curve, smooth, steps_to_reach
 from .paired import MAX_EXACT_SIGN_FLIP_N, paired_t_test, sign_flip_p
 from .roles import is_baseline, method_order
-from .selection import Run, dedupe, is_failed, median, number, per_seed, select_lr
+from .selection import Run, Stage, dedupe, is_collapsed, is_failed, median, number, per_seed, select_lr, stage_of
 
 REFERENCE_METHOD = "lora"
 """Vanilla LoRA: its final training loss is the convergence target."""
@@ -63,7 +63,9 @@ class MethodSummary:
     cost do not depend on the LR). ``steps_to_lora_loss`` maps each seed at ``best_lr`` to the first
     step reaching the LoRA target (None: never reached); ``steps_median`` counts never as +inf and
     is None if that median is infinite or there is no target. ``best_lr`` is None when every run of
-    the method failed.
+    the method failed. ``n_collapsed``: successful runs at ``best_lr`` whose test predictions
+    collapsed to one class (:func:`.selection.is_collapsed`; they stay in every mean), None when
+    no such run records its predictions.
     """
 
     method: str
@@ -86,6 +88,7 @@ class MethodSummary:
     mean_curve_steps: tuple[int, ...] = ()
     mean_curve_loss: tuple[float, ...] = ()
     comparison: Comparison | None = None
+    n_collapsed: int | None = None
 
     @property
     def swept(self) -> bool:
@@ -100,7 +103,14 @@ class MethodSummary:
 
 @dataclass(frozen=True)
 class TaskSummary:
-    """Every method on one (preset, task): the rows of one table."""
+    """Every method on one (preset, task, stage): the rows of one table.
+
+    In stage ``"tune"`` each method sits at its validation-selected LR and ``best_baseline`` is the
+    baseline with the best mean test metric. In stage ``"eval"`` each method sits at the LR stage 1
+    selected (``"tune"`` runs of the same preset and task) and ``best_baseline`` is the baseline with
+    the best stage-1 mean validation metric (never a test metric): the comparison it anchors is
+    decided before stage 2 is seen.
+    """
 
     preset: str
     task: str
@@ -110,6 +120,7 @@ class TaskSummary:
     lora_target_loss: float | None
     failed_runs: list[FailedRun] = field(default_factory=list)
     n_runs: int = 0
+    stage: Stage = "tune"
 
     @property
     def n_failed(self) -> int:
@@ -170,8 +181,13 @@ def _steps_median(steps: Mapping[int, int | None]) -> float | None:
     return median if math.isfinite(median) else None
 
 
-def _summarize_method(method: str, runs: Sequence[Run], target: float | None, smooth_window: int) -> MethodSummary:
-    """Summary row of one method on one task (without the comparison, added afterwards)."""
+def _summarize_method(method: str, runs: Sequence[Run], target: float | None, smooth_window: int,
+                      fixed_lr: float | None = None) -> MethodSummary:
+    """Summary row of one method on one task (without the comparison, added afterwards).
+
+    ``fixed_lr``: the LR chosen elsewhere (stage 1), used when some of ``runs`` have it; otherwise
+    the LR is chosen on these runs' validation metric.
+    """
     grid = tuple(sorted({float(run["lr"]) for run in runs}))
     n_failed = sum(is_failed(run) for run in runs)
     costs = {
@@ -188,7 +204,10 @@ def _summarize_method(method: str, runs: Sequence[Run], target: float | None, sm
     if n_failed == len(runs):
         return empty
     selection = select_lr(runs)
+    if fixed_lr is not None and any(float(run["lr"]) == fixed_lr and not is_failed(run) for run in runs):
+        selection = replace(selection, lr=fixed_lr, at_edge=False)
     at_lr = [run for run in runs if float(run["lr"]) == selection.lr]
+    collapsed = [is_collapsed(run) for run in at_lr if not is_failed(run)]
     test = per_seed(at_lr, "test_metric")
     val = per_seed(at_lr, "val_metric")
     test_values = np.asarray(list(test.values()), dtype=float)
@@ -206,6 +225,7 @@ def _summarize_method(method: str, runs: Sequence[Run], target: float | None, sm
         steps_median=_steps_median(steps),
         mean_curve_steps=tuple(curve_steps),
         mean_curve_loss=tuple(curve_loss),
+        n_collapsed=sum(bool(c) for c in collapsed) if any(c is not None for c in collapsed) else None,
     )
 
 
@@ -243,15 +263,31 @@ def _failed_runs(runs: Iterable[Run]) -> list[FailedRun]:
     ]
 
 
-def _summarize_task(preset: str, task: str, runs: Sequence[Run], smooth_window: int) -> TaskSummary:
-    """One table: every method of one (preset, task)."""
+def _best_on_validation(tune: TaskSummary | None) -> str | None:
+    """The baseline with the highest stage-1 mean validation metric at its own LR (None without one)."""
+    if tune is None:
+        return None
+    candidates = [m for m in tune.methods if m.is_baseline and m.best_lr is not None and math.isfinite(m.val_mean)]
+    return max(candidates, key=lambda m: m.val_mean).method if candidates else None
+
+
+def _summarize_task(preset: str, task: str, runs: Sequence[Run], smooth_window: int,
+                    tune: TaskSummary | None = None) -> TaskSummary:
+    """One table: every method of one (preset, task, stage). ``tune`` given: the runs are stage 2 and
+    take their LRs and best baseline from that stage-1 summary."""
     metric_names = {str(run.get("metric_name", "metric")) for run in runs}
     target = _lora_target(runs)
     by_method: dict[str, list[Run]] = {}
     for run in runs:
         by_method.setdefault(str(run["method"]), []).append(run)
-    methods = [_summarize_method(m, by_method[m], target, smooth_window) for m in method_order(by_method)]
-    best = _best_baseline(methods)
+    stage1_lrs = {m.method: m.best_lr for m in tune.methods} if tune is not None else {}
+    methods = [_summarize_method(m, by_method[m], target, smooth_window, stage1_lrs.get(m))
+               for m in method_order(by_method)]
+    if tune is None:
+        best = _best_baseline(methods)
+    else:
+        validation_best = _best_on_validation(tune)
+        best = next((m for m in methods if m.method == validation_best and m.best_lr is not None), None)
     if best is not None:
         best_test = per_seed([r for r in by_method[best.method] if float(r["lr"]) == best.best_lr], "test_metric")
         methods = [
@@ -269,6 +305,7 @@ def _summarize_task(preset: str, task: str, runs: Sequence[Run], smooth_window: 
         lora_target_loss=target,
         failed_runs=_failed_runs(runs),
         n_runs=len(runs),
+        stage="tune" if tune is None else "eval",
     )
 
 
@@ -281,13 +318,24 @@ def _with_comparison(
 
 
 def summarize(runs: Iterable[Run], smooth_window: int = 1) -> list[TaskSummary]:
-    """Summaries of every (preset, task) in ``runs``, sorted by (preset, task).
+    """Summaries of every (preset, task, stage) in ``runs``, sorted by (preset, task), stage 1 first.
 
-    Repeated ``run_id``s keep the last line. ``smooth_window`` (default 1: curves are used as logged)
-    applies a trailing moving average to each training-loss curve before measuring steps to reach
-    vanilla LoRA's final loss. See :class:`MethodSummary` for what each number is computed from.
+    Repeated ``run_id``s keep the last line; a record without ``"stage"`` is stage ``"tune"``.
+    Stage-2 (``"eval"``) summaries take each method's LR and the best baseline from the stage-1
+    runs of the same (preset, task) (:class:`TaskSummary`). ``smooth_window`` (default 1: curves
+    are used as logged) applies a trailing moving average to each training-loss curve before
+    measuring steps to reach vanilla LoRA's final loss. See :class:`MethodSummary` for what each
+    number is computed from.
     """
-    by_task: dict[tuple[str, str], list[Run]] = {}
+    by_task: dict[tuple[str, str, Stage], list[Run]] = {}
     for run in dedupe(runs):
-        by_task.setdefault((str(run.get("preset", "")), str(run["task"])), []).append(run)
-    return [_summarize_task(preset, task, by_task[(preset, task)], smooth_window) for preset, task in sorted(by_task)]
+        by_task.setdefault((str(run.get("preset", "")), str(run["task"]), stage_of(run)), []).append(run)
+    summaries: list[TaskSummary] = []
+    for preset, task in sorted({(preset, task) for preset, task, _ in by_task}):
+        tune_runs, eval_runs = by_task.get((preset, task, "tune")), by_task.get((preset, task, "eval"))
+        tune = _summarize_task(preset, task, tune_runs, smooth_window) if tune_runs else None
+        summaries += [tune] if tune is not None else []
+        if eval_runs:
+            empty_tune = TaskSummary(preset, task, "", [], None, None)
+            summaries.append(_summarize_task(preset, task, eval_runs, smooth_window, tune or empty_tune))
+    return summaries
