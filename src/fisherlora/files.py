@@ -50,11 +50,13 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
 
 
 @contextmanager
-def staged_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
+def staged_directory(path: str | os.PathLike[str], keep_existing: bool = False) -> Iterator[Path]:
     """Yield an empty temporary folder beside `path`; on success it replaces `path`, on error it is removed.
 
     An existing folder is moved aside first and deleted only after the new one is in place, so an
-    interruption never leaves neither.
+    interruption never leaves neither. With `keep_existing`, a `path` that exists when the staged
+    folder is complete (another writer finished first) is kept and the staged folder discarded, so
+    a reader of `path` never sees it replaced.
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -62,14 +64,21 @@ def staged_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
     try:
         staging.chmod(0o777 & ~_umask())  # mkdtemp creates 0700; give the folder ordinary permissions
         yield staging
-        if target.exists():
+        if keep_existing and target.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+        elif target.exists():
             backup = target.with_name(f".{target.name}.old")
             shutil.rmtree(backup, ignore_errors=True)
             os.replace(target, backup)
             os.replace(staging, target)
             shutil.rmtree(backup, ignore_errors=True)
         else:
-            os.replace(staging, target)
+            try:
+                os.replace(staging, target)
+            except OSError:
+                if not (keep_existing and target.exists()):  # not a lost race with another writer
+                    raise
+                shutil.rmtree(staging, ignore_errors=True)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from fisherlora.bench import init_cost
+from fisherlora.bench.baselines import AdapterSpec
+from fisherlora.bench.tasks import TaskType
 from fisherlora.config import FisherConfig
 
 from .test_runner import tiny_task
@@ -32,3 +35,23 @@ def test_init_cost_measures_every_method(tmp_path: Path, monkeypatch: pytest.Mon
     assert written["medians"]["fisher_svd"]["seconds"] == result["medians"]["fisher_svd"]["seconds"]
     table = (tmp_path / "init_cost_text.md").read_text()
     assert "| fisher_grad@true |" in table and "x LoRA-GA" in table
+
+
+@pytest.mark.parametrize(("task_type", "metric_name", "causal_lm"), [
+    ("causal_lm", "accuracy", True), ("sequence_classification", "exact_match", False),
+])
+def test_the_declared_task_type_decides_causal_lm(task_type: TaskType, metric_name: str, causal_lm: bool,
+                                                   monkeypatch: pytest.MonkeyPatch):
+    seen = []
+
+    def capture(method: str, base: object, spec: AdapterSpec, calibration: object, fisher: object = None) -> None:
+        seen.append(spec.causal_lm)
+        raise RuntimeError("stop after the adapter spec")
+
+    monkeypatch.setattr("fisherlora.bench.init_cost.build_model", capture)
+    task = replace(tiny_task(), task_type=task_type, metric_name=metric_name)
+    config = init_cost.InitCostConfig(task="text", methods=["eva"], fisher=FisherConfig(progress=False))
+    with pytest.raises(RuntimeError, match="stop after the adapter spec"):
+        init_cost._time_method(task, "eva", task.calibration_loader(1, 4, 0), config)
+    assert seen == [causal_lm]
+

@@ -10,9 +10,14 @@ import torch
 from torch import nn
 
 from fisherlora.bench.baselines import AdapterSpec, build_model, parse_method
-from fisherlora.bench.pointwise import PointwiseLinear, pointwise_convs_as_linear_
+from fisherlora.bench.pointwise import (
+    PointwiseLinear,
+    is_pointwise_conv,
+    pointwise_conv_names,
+    pointwise_convs_as_linear_,
+)
 from fisherlora.bench.roles import is_baseline, method_order
-from fisherlora.bench.tasks import ImageClassifier
+from fisherlora.bench.tasks import ImageClassifier, plain_pointwise_convs_
 from fisherlora.config import FisherConfig
 
 TARGETS = ["backbone.2", "backbone.4"]
@@ -41,6 +46,51 @@ def test_pointwise_linear_computes_the_convolution():
     assert torch.allclose(linear_view(pixels), conv(pixels), atol=1e-12)
     with pytest.raises(ValueError, match="1x1, stride-1"):
         PointwiseLinear(nn.Conv2d(4, 6, 3))
+
+
+class NoPadding(nn.Module):
+    """EfficientNet's own identity module (not an ``nn.Identity``)."""
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return pixels
+
+
+class StaticPaddingConv(nn.Conv2d):
+    """EfficientNet's "same"-padding conv: pads its input with a fixed module, then convolves."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, pad: int = 0) -> None:
+        super().__init__(in_channels, out_channels, kernel_size, stride)
+        self.static_padding = nn.ZeroPad2d(pad) if pad else NoPadding()
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return super().forward(self.static_padding(pixels))
+
+
+def test_one_pointwise_predicate_for_targets_swap_and_linear_view():
+    torch.manual_seed(0)
+    backbone = nn.Sequential(
+        StaticPaddingConv(3, 4, 1),  # 0: pointwise, a subclass PEFT cannot rebuild -> swapped
+        StaticPaddingConv(4, 4, 1, pad=1),  # 1: pads its input first -> not pointwise
+        nn.Conv2d(4, 4, 1, stride=2),  # 2: strided -> not pointwise
+        nn.Conv2d(4, 4, 1, groups=2),  # 3: grouped -> not pointwise
+        nn.Conv2d(4, 4, 1, padding=1),  # 4: padded -> not pointwise
+        nn.Conv2d(4, 5, 1),  # 5: pointwise
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+    )
+    expected = ["0", "5"]
+    assert [name for name, module in backbone.named_children() if is_pointwise_conv(module)] == expected
+    assert pointwise_conv_names(backbone) == expected
+    pixels = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        reference = backbone(pixels)
+    assert plain_pointwise_convs_(backbone) == 1
+    assert type(backbone[0]) is nn.Conv2d and type(backbone[1]) is StaticPaddingConv
+    assert pointwise_conv_names(backbone) == expected
+    with torch.no_grad():
+        torch.testing.assert_close(backbone(pixels), reference)
+    assert pointwise_convs_as_linear_(backbone, ["0", "1", "5"]) == ["0.linear", "5.linear", "1"]
+    with torch.no_grad():
+        torch.testing.assert_close(backbone(pixels), reference)
 
 
 def test_targets_are_renamed_and_bad_targets_refused():

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
+from fisherlora.bench.baselines import AdapterSpec
 from fisherlora.bench.presets import ALL_METHODS, PRESETS
 from fisherlora.bench.results import ResultsFile
-from fisherlora.bench.runner import RunSpec, TrainingConfig, run_all, smoothed_curve, training_batches
-from fisherlora.bench.tasks import Task, classification_accuracy, list_tasks
+from fisherlora.bench.runner import RunSpec, TrainingConfig, execute, run_all, smoothed_curve, training_batches
+from fisherlora.bench.tasks import Task, TaskType, classification_accuracy, list_tasks
 from fisherlora.config import FisherConfig
 from models import tiny_bert
 
@@ -28,7 +30,7 @@ def collate(examples: list[tuple[list[int], int]]) -> dict[str, torch.Tensor]:
 def tiny_task() -> Task:
     generator = torch.Generator().manual_seed(0)
     examples = [(torch.randint(1, 50, (5,), generator=generator).tolist(), index % 2) for index in range(40)]
-    return Task(name="tiny", config=None, metric_name="accuracy",
+    return Task(name="tiny", config=None, task_type="sequence_classification", metric_name="accuracy",
                 model_factory=lambda seed=0: tiny_bert(num_labels=2, seed=seed), target_modules=["query", "value"],
                 modules_to_save=["classifier"], train_examples=examples[:16], val_examples=examples[16:28],
                 test_examples=examples[28:], collate=collate, evaluate=classification_accuracy, num_labels=2)
@@ -183,3 +185,22 @@ def test_committed_results_cover_their_presets():
         missing = [spec.run_id() for spec in get_preset(name).specs()
                    if "@" not in spec.method and spec.run_id() not in recorded]
         assert not missing, f"{name}: {len(missing)} preset runs not recorded, e.g. {missing[0]}"
+
+
+@pytest.mark.parametrize(("task_type", "metric_name", "causal_lm"), [
+    ("causal_lm", "accuracy", True), ("sequence_classification", "exact_match", False),
+    ("image_classification", "accuracy", False),
+])
+def test_the_declared_task_type_decides_causal_lm(task_type: TaskType, metric_name: str, causal_lm: bool,
+                                                   monkeypatch: pytest.MonkeyPatch):
+    seen = []
+
+    def capture(method: str, base: object, spec: AdapterSpec, calibration: object, fisher: object) -> None:
+        seen.append(spec.causal_lm)
+        raise RuntimeError("stop after the adapter spec")
+
+    monkeypatch.setattr("fisherlora.bench.runner.build_model", capture)
+    task = replace(tiny_task(), task_type=task_type, metric_name=metric_name)
+    record = execute(specs(["eva"], [1e-3])[0], task, show_progress=False)
+    assert "stop after the adapter spec" in record["error"] and seen == [causal_lm]
+

@@ -10,12 +10,15 @@ from __future__ import annotations
 import bz2
 import csv
 import math
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 
 from fisherlora.bench import data, tasks
+from fisherlora.bench.pointwise import pointwise_conv_names
 
 # ----------------------------------------------------------------------------- data readers
 
@@ -106,6 +109,121 @@ def test_registry_names_and_errors() -> None:
         tasks.task_config("text", train_sise=10)
     with pytest.raises(ValueError, match="csv"):
         tasks.task_config("csv")  # model_dir and train_csv are required
+
+
+def test_every_registered_task_declares_a_valid_task_type() -> None:
+    assert tasks.TASKS and all(spec.task_type in tasks.TASK_TYPES for spec in tasks.TASKS.values())
+    assert {name: tasks.TASKS[name].task_type for name in ("text", "csv", "lm", "vision")} == {
+        "text": "sequence_classification", "csv": "sequence_classification", "lm": "causal_lm",
+        "vision": "image_classification"}
+
+
+@pytest.fixture
+def restore_task_registry() -> Iterator[None]:
+    before = dict(tasks.TASKS)
+    yield
+    tasks.TASKS.clear()
+    tasks.TASKS.update(before)
+
+
+@dataclass
+class ParityConfig:
+    size: int = 12
+    seed: int = 0
+
+
+def _parity_task(config: ParityConfig, task_type: tasks.TaskType = "sequence_classification") -> tasks.Task:
+    """Tiny BERT: is the number of tokens above 25 even?"""
+    from models import tiny_bert
+
+    generator = torch.Generator().manual_seed(config.seed)
+    tokens = torch.randint(1, 50, (config.size, 5), generator=generator)
+    examples = [(row, int((row > 25).sum()) % 2) for row in tokens]
+
+    def collate(batch: list[tuple[torch.Tensor, int]]) -> tasks.Batch:
+        return {"input_ids": torch.stack([row for row, _ in batch]),
+                "labels": torch.tensor([label for _, label in batch])}
+
+    third = config.size // 3
+    return tasks.Task(name="parity", config=config, task_type=task_type, metric_name="accuracy",
+                      model_factory=lambda seed=0: tiny_bert(num_labels=2, seed=seed),
+                      target_modules=["query", "value"], modules_to_save=["classifier"],
+                      train_examples=examples[:third], val_examples=examples[third:2 * third],
+                      test_examples=examples[2 * third:], collate=collate, evaluate=tasks.classification_accuracy,
+                      num_labels=2)
+
+
+def test_a_new_task_is_one_registered_builder(restore_task_registry: None) -> None:
+    @tasks.register_task("parity", "sequence_classification")
+    def build_parity(config: ParityConfig) -> tasks.Task:
+        """Parity of large tokens with a tiny BERT; metric: accuracy."""
+        return _parity_task(config)
+
+    assert "parity" in tasks.list_tasks()
+    spec = tasks.TASKS["parity"]
+    assert spec.config_cls is ParityConfig and spec.task_type == "sequence_classification"
+    assert spec.description == "Parity of large tokens with a tiny BERT; metric: accuracy."
+    task = tasks.build_task("parity", size=15)
+    assert task.task_type == "sequence_classification" and task.config == ParityConfig(size=15)
+    assert len(task.train_examples) == len(task.val_examples) == len(task.test_examples) == 5
+    metric = task.evaluate(task.model_factory(0), task.val_loader(batch_size=2))
+    assert 0.0 <= metric <= 1.0
+    with pytest.raises(ValueError, match="already registered"):
+        tasks.register_task("parity", "sequence_classification")(build_parity)
+    with pytest.raises(ValueError, match="sise"):
+        tasks.build_task("parity", sise=3)
+
+
+def test_task_types_are_checked(restore_task_registry: None) -> None:
+    with pytest.raises(ValueError, match="'parity'.*'regression'"):
+        tasks.register_task("parity", "regression")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="'parity'.*'regression'"):
+        _parity_task(ParityConfig(), task_type="regression")  # type: ignore[arg-type]
+
+    @tasks.register_task("parity", "causal_lm")
+    def build_parity(config: ParityConfig) -> tasks.Task:
+        return _parity_task(config)
+
+    with pytest.raises(ValueError, match="registered as 'causal_lm'.*'sequence_classification'"):
+        tasks.build_task("parity")
+
+
+def test_cached_folder_is_built_once_and_never_half_written(tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FISHERLORA_CACHE", str(tmp_path))
+    calls: list[Path] = []
+
+    def build(folder: Path) -> None:
+        calls.append(folder)
+        (folder / "weights.bin").write_bytes(b"half")
+        raise RuntimeError("interrupted")
+
+    with pytest.raises(RuntimeError, match="interrupted"):
+        tasks.cached_folder("model", build)
+    assert list(tmp_path.iterdir()) == []  # neither the final name nor a staged leftover
+
+    def build_ok(folder: Path) -> None:
+        calls.append(folder)
+        (folder / "weights.bin").write_bytes(b"whole")
+
+    folder = tasks.cached_folder("model", build_ok)
+    assert folder == tmp_path / "model" and (folder / "weights.bin").read_bytes() == b"whole"
+    assert tasks.cached_folder("model", build) == folder and len(calls) == 2  # cached: not rebuilt
+    assert [path.name for path in tmp_path.iterdir()] == ["model"]
+
+
+def test_cached_folder_keeps_the_copy_of_a_writer_that_finished_first(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FISHERLORA_CACHE", str(tmp_path))
+
+    def build_while_another_writer_finishes(folder: Path) -> None:
+        (folder / "weights.bin").write_bytes(b"second")
+        (tmp_path / "model").mkdir()
+        (tmp_path / "model" / "weights.bin").write_bytes(b"first")
+
+    folder = tasks.cached_folder("model", build_while_another_writer_finishes)
+    assert (folder / "weights.bin").read_bytes() == b"first"
+    assert [path.name for path in tmp_path.iterdir()] == ["model"]
 
 
 # ----------------------------------------------------------------------------- real tasks
@@ -261,7 +379,7 @@ def test_pointwise_conv_swap_keeps_outputs() -> None:
     ).eval()
     reference._fc = torch.nn.Identity()
     swapped = tasks.load_efficientnet_lite0(32).eval()
-    assert len(tasks.pointwise_conv_names(swapped)) == 32
+    assert len(pointwise_conv_names(swapped)) == 32
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(swapped(x), reference(x))

@@ -15,7 +15,7 @@ import statistics
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..config import FisherConfig
 from ..files import atomic_write_text
@@ -23,6 +23,9 @@ from .baselines import AdapterSpec, build_model, fisher_statistics_mb
 from .cost import measure
 from .provenance import git_state, machine, versions
 from .results import clean_for_json
+
+if TYPE_CHECKING:
+    from .tasks import Task
 
 DEFAULT_METHODS = ["pissa", "eva", "corda", "lora_ga", "fisher_svd", "fisher_select", "fisher_eig", "fisher_grad"]
 
@@ -60,10 +63,10 @@ def _fisher_for(method: str, config: InitCostConfig) -> tuple[str, FisherConfig]
     return method, replace(config.fisher, progress=False)
 
 
-def _time_method(task: Any, method: str, calibration: list[Any], config: InitCostConfig) -> dict[str, float]:
+def _time_method(task: Task, method: str, calibration: list[Any], config: InitCostConfig) -> dict[str, float]:
     base = task.model_factory(0)
     spec = AdapterSpec(target_modules=task.target_modules, modules_to_save=task.modules_to_save,
-                       causal_lm=task.metric_name == "exact_match")
+                       causal_lm=task.task_type == "causal_lm")
     name, fisher = _fisher_for(method, config)
     gc.collect()
     with measure() as cost:

@@ -45,8 +45,14 @@ class PointwiseLinear(nn.Module):
 
 
 def is_pointwise_conv(module: nn.Module) -> bool:
-    """True for an ``nn.Conv2d`` that is a per-pixel linear map (1x1 kernel, stride 1, no padding,
-    no dilation effect, groups == 1)."""
+    """True for an ``nn.Conv2d`` (or subclass) that is a per-pixel linear map: 1x1 kernel, stride 1,
+    no padding, ``groups == 1``.
+
+    The one definition of "pointwise conv" in the project: the vision task's LoRA targets, the
+    swap of EfficientNet's conv subclasses for plain ``nn.Conv2d`` and the ``+linear`` view all use
+    it. A subclass that pads its input itself (EfficientNet's static "same" padding keeps an
+    ``nn.ZeroPad2d`` as ``static_padding`` then) is not pointwise.
+    """
     return (
         isinstance(module, nn.Conv2d)
         and module.kernel_size == (1, 1)
@@ -54,7 +60,13 @@ def is_pointwise_conv(module: nn.Module) -> bool:
         and module.groups == 1
         and module.padding in ((0, 0), "valid")
         and module.padding_mode == "zeros"
+        and not isinstance(getattr(module, "static_padding", None), nn.ZeroPad2d)
     )
+
+
+def pointwise_conv_names(model: nn.Module) -> list[str]:
+    """Full names of ``model``'s pointwise convolutions (:func:`is_pointwise_conv`), in module order."""
+    return [name for name, module in model.named_modules() if is_pointwise_conv(module)]
 
 
 def pointwise_convs_as_linear_(model: nn.Module, target_modules: list[str] | str) -> list[str]:

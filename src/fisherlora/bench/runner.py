@@ -14,7 +14,7 @@ import time
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -25,6 +25,9 @@ from .cost import measure
 from .provenance import git_state, machine, versions
 from .results import ResultsFile
 from .selection import Stage
+
+if TYPE_CHECKING:
+    from .tasks import Task
 
 
 @dataclass
@@ -243,7 +246,7 @@ def training_batches(task: Any, spec: RunSpec) -> list[Any]:
     return batches
 
 
-def execute(spec: RunSpec, task: Any, show_progress: bool = True) -> dict[str, Any]:
+def execute(spec: RunSpec, task: Task, show_progress: bool = True) -> dict[str, Any]:
     """Build, train and evaluate one run; return its JSON record (failures are recorded too)."""
     from tqdm.auto import tqdm
 
@@ -269,7 +272,7 @@ def execute(spec: RunSpec, task: Any, show_progress: bool = True) -> dict[str, A
         base = task.model_factory(spec.seed)
         adapter = AdapterSpec(rank=spec.training.rank, alpha=spec.training.alpha,
                               target_modules=task.target_modules, modules_to_save=task.modules_to_save,
-                              causal_lm=task.metric_name == "exact_match")
+                              causal_lm=task.task_type == "causal_lm")
         calibration = list(task.calibration_loader(spec.training.calibration_batches,
                                                    spec.training.calibration_batch_size, spec.seed))
         seed_everything(spec.seed)
