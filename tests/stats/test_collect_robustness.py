@@ -4,13 +4,15 @@ that are not materialized (ZeRO-3/FSDP), and layer groups over a shuffling datal
 from __future__ import annotations
 
 import copy
+import random
 
 import pytest
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 import fisherlora as fl
-from models import TinyCNN, TinyMLP, pair_batches, tiny_gpt2
+from models import TinyCNN, TinyMLP, image_batches, pair_batches, tiny_gpt2
 
 
 def config(**overrides) -> fl.FisherConfig:
@@ -127,3 +129,89 @@ def test_partitioned_weight_is_refused_before_any_batch(kind: str) -> None:
                                                  r"docs/scaling\.md"):
         fl.collect_fisher(model, NeverIterated(), config(), **kwargs)
     assert {key: p.requires_grad for key, p in model.named_parameters()} == flags
+
+
+# --------------------------------------------------------------------------------------------
+# Layer groups over a shuffling dataloader: every pass sees the same batches
+# --------------------------------------------------------------------------------------------
+
+
+def shuffled_loader(generator: torch.Generator | None) -> DataLoader:
+    inputs, labels = zip(*pair_batches(count=6, batch_size=4), strict=True)
+    dataset = TensorDataset(torch.cat(inputs), torch.cat(labels))
+    return DataLoader(dataset, batch_size=4, shuffle=True, generator=generator)
+
+
+@pytest.mark.parametrize("seeded", [True, False], ids=["seeded-generator", "global-rng"])
+def test_layer_groups_see_the_same_batches_of_a_shuffling_loader(seeded: bool) -> None:
+    """Two of six batches are used, so a second pass with another order would see other data."""
+    torch.manual_seed(0)
+    net = TinyMLP()
+    targets = ["fc1", "fc2"]
+
+    def loader() -> DataLoader:
+        torch.manual_seed(123)  # the global RNG shuffles an unseeded loader
+        return shuffled_loader(torch.Generator().manual_seed(0) if seeded else None)
+
+    single = fl.collect_fisher(net, loader(), config(num_batches=2), target_modules=targets)
+    grouped_loader = loader()
+    grouped = fl.collect_fisher(net, grouped_loader, config(num_batches=2, layer_groups=2), target_modules=targets)
+    assert_same_statistics(grouped, single)
+    # the loader (and the global RNG) are left as after one pass: its next pass is the one a plain
+    # collection would have left next
+    after_grouped = next(iter(grouped_loader))[0]
+    plain_loader = loader()
+    fl.collect_fisher(net, plain_loader, config(num_batches=2), target_modules=targets)
+    after_plain = next(iter(plain_loader))[0]
+    assert torch.equal(after_grouped, after_plain)
+
+
+class RandomAugmentation(Dataset):
+    """Adds noise from Python's `random` per item, re-drawn on every access: not restorable when
+    it draws from a private generator."""
+
+    def __init__(self, private: bool) -> None:
+        self.base = torch.randn(8, 6, generator=torch.Generator().manual_seed(0))
+        self.labels = torch.arange(8) % 3
+        self.random = random.Random(0) if private else random
+
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.base[index] + self.random.random(), self.labels[index]
+
+
+def test_layer_groups_restore_global_python_random_for_augmentations() -> None:
+    net = TinyMLP()
+    random.seed(5)
+    single = fl.collect_fisher(net, DataLoader(RandomAugmentation(private=False), batch_size=4),
+                               config(), target_modules=["fc1", "fc2"])
+    random.seed(5)
+    grouped = fl.collect_fisher(net, DataLoader(RandomAugmentation(private=False), batch_size=4),
+                                config(layer_groups=2), target_modules=["fc1", "fc2"])
+    assert_same_statistics(grouped, single)
+
+
+def test_layer_groups_refuse_a_pass_that_sees_other_batches() -> None:
+    net = TinyMLP()
+    flags = {key: p.requires_grad for key, p in net.named_parameters()}
+    loader = DataLoader(RandomAugmentation(private=True), batch_size=4)
+    with pytest.raises(fl.StatisticsError, match=r"pass 2 .* batch 0 .* differs from pass 1.*layer_groups=1"):
+        fl.collect_fisher(net, loader, config(layer_groups=2), target_modules=["fc1", "fc2"])
+    assert {key: p.requires_grad for key, p in net.named_parameters()} == flags
+
+
+def test_layer_groups_with_images_and_a_seeded_loader() -> None:
+    torch.manual_seed(1)
+    net = TinyCNN()
+    images, labels = zip(*image_batches(count=4, batch_size=3), strict=True)
+    dataset = TensorDataset(torch.cat(images), torch.cat(labels))
+
+    def loader() -> DataLoader:
+        return DataLoader(dataset, batch_size=3, shuffle=True, generator=torch.Generator().manual_seed(7))
+
+    names = ["conv1", "conv2", "head"]
+    single = fl.collect_fisher(net, loader(), config(num_batches=2), target_modules=names)
+    grouped = fl.collect_fisher(net, loader(), config(num_batches=2, layer_groups=3), target_modules=names)
+    assert_same_statistics(grouped, single)

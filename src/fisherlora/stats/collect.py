@@ -13,11 +13,9 @@ all-reduce. `FisherConfig.layer_groups` collects contiguous groups of layers in 
 from __future__ import annotations
 
 import itertools
-import warnings
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-import torch
 from torch import nn
 
 from ..config import FisherConfig
@@ -27,6 +25,7 @@ from .errors import StatisticsError
 from .hooks import collect_pass
 from .layers import TargetLayer, check_materialized, weight_matrix
 from .objective import IGNORE_INDEX, LossFn, SampleFn
+from .replay import SamePasses
 from .sketch import layer_statistics_bytes
 from .strategy import choose_step
 
@@ -61,16 +60,6 @@ def layer_groups(targets: list[TargetLayer], config: FisherConfig,
     return [list(targets[a:b]) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
 
-def _warn_if_shuffled(dataloader: Iterable[Any]) -> None:
-    sampler = getattr(dataloader, "sampler", None)
-    if isinstance(sampler, torch.utils.data.RandomSampler) and sampler.generator is None:
-        warnings.warn(
-            "layer_groups > 1 makes one pass over the dataloader per group, and this DataLoader shuffles without a "
-            "seeded generator: each group's statistics come from different batches",
-            stacklevel=3,
-        )
-
-
 def collect_statistics(
     model: nn.Module,
     targets: list[TargetLayer],
@@ -86,8 +75,10 @@ def collect_statistics(
         model: the model (plain or PEFT); `model(**batch)` or `model(inputs)` must work.
         targets: layers to collect for (see `TargetLayer`).
         dataloader: iterable of batches; the first `config.num_batches` are used. With
-            `config.layer_groups > 1` it is iterated once per group and must yield the same
-            batches every time (a list, or a DataLoader without unseeded shuffling).
+            `config.layer_groups > 1` it is iterated once per group: each pass restores the RNG
+            states the first pass started from (the loader's generators, torch's, Python's and
+            NumPy's global RNGs), so shuffling and augmentations repeat, and must then yield the
+            same batches as the first pass (checked by hash).
         config: Fisher type, number of batches and samples, loss reduction, seed, progress bar,
             sketching (`sketch_threshold`, `sketch_rank`, `sketch_seed`), `layer_groups` and
             `stats_device`.
@@ -105,7 +96,8 @@ def collect_statistics(
     Raises:
         ValueError: no target, a one-shot iterator with `layer_groups > 1`, or the true Fisher with
             a `loss_fn` but no `sample_fn`. StatisticsError: a targeted weight is partitioned or not
-            materialized (before any batch), or the data gave no usable statistic.
+            materialized (before any batch), a pass saw other batches than the first, or the data
+            gave no usable statistic.
     """
     if not targets:
         raise ValueError("no layer to collect statistics for: the model has no targeted layer")
@@ -120,27 +112,31 @@ def collect_statistics(
                 f"but the dataloader is a one-shot iterator ({type(dataloader).__name__}); pass a list of batches, "
                 "a DataLoader or another re-iterable, or set layer_groups=1"
             )
-        _warn_if_shuffled(dataloader)
     dtype = str(weight_matrix(targets[0].weight_module, targets[0].layer_type).dtype)
+    passes = SamePasses(dataloader, config.num_batches, len(groups)) if len(groups) > 1 else None
     layers: dict[str, LayerStats] = {}
     batches_per_pass: int | None = None
     world_size = 1
-    for index, group in enumerate(groups):
-        accumulators = [LayerAccumulator.create(target, with_grad_mean, config) for target in group]
-        description = "Fisher statistics" if len(groups) == 1 else f"Fisher statistics {index + 1}/{len(groups)}"
-        local_batches = collect_pass(model, accumulators, dataloader, config, step, description)
-        batches, world_size = all_reduce(accumulators, local_batches)
-        if batches == 0:
-            raise StatisticsError("the dataloader yielded no batches: cannot collect Fisher statistics")
-        if batches_per_pass is not None and batches != batches_per_pass:
-            raise StatisticsError(
-                f"the dataloader yielded {batches_per_pass} batches in the first pass and {batches} in pass "
-                f"{index + 1}; layer_groups > 1 needs the same batches in every pass"
-            )
-        batches_per_pass = batches
-        for accumulator in accumulators:
-            layers[accumulator.name] = accumulator.finalize(batches, config.stats_device)
-        del accumulators
+    try:
+        for index, group in enumerate(groups):
+            accumulators = [LayerAccumulator.create(target, with_grad_mean, config) for target in group]
+            description = "Fisher statistics" if len(groups) == 1 else f"Fisher statistics {index + 1}/{len(groups)}"
+            local_batches = collect_pass(model, accumulators, passes or dataloader, config, step, description)
+            batches, world_size = all_reduce(accumulators, local_batches)
+            if batches == 0:
+                raise StatisticsError("the dataloader yielded no batches: cannot collect Fisher statistics")
+            if batches_per_pass is not None and batches != batches_per_pass:
+                raise StatisticsError(
+                    f"the dataloader yielded {batches_per_pass} batches in the first pass and {batches} in pass "
+                    f"{index + 1}; layer_groups > 1 needs the same batches in every pass"
+                )
+            batches_per_pass = batches
+            for accumulator in accumulators:
+                layers[accumulator.name] = accumulator.finalize(batches, config.stats_device)
+            del accumulators
+    finally:
+        if passes is not None:
+            passes.finish()
     assert batches_per_pass is not None
     return FisherStats(layers=layers, fisher=config.fisher, num_batches=batches_per_pass,
                        n_samples=config.n_samples if config.fisher == "true" else 1,

@@ -16,6 +16,7 @@ What the loss is, and which positions it keeps, is the step's business (`strateg
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -183,9 +184,8 @@ def collect_pass(model: nn.Module, accumulators: list[LayerAccumulator], dataloa
         device = accumulators[0].device
         progress = tqdm(total=total, desc=description, unit="batch", disable=not config.progress)
         try:
-            for batch_index, batch in enumerate(dataloader):
-                if config.num_batches is not None and batch_index >= config.num_batches:
-                    break
+            # islice, not a break after the last batch: the loader reads no batch beyond it.
+            for batch_index, batch in enumerate(itertools.islice(dataloader, config.num_batches)):
                 step(model, move_to(batch, device), recorder, generator, batch_index)
                 recorder.records.clear()
                 batches += 1
