@@ -9,30 +9,19 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..data.records import read_jsonl
 from ..files import atomic_write_text
 
 RUNS_FILE = "runs.jsonl"
 
 
 def read_records(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """The JSON objects of a JSON-lines file, in file order; blank lines are skipped.
+    """The JSON objects of a JSON-lines file, in file order (the library's reader, `fisherlora.data.records`).
 
     Raises ``FileNotFoundError`` if the file is missing and ``ValueError`` naming the file and the
     1-based line number for a line that is not a JSON object.
     """
-    records: list[dict[str, Any]] = []
-    with Path(path).open(encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}: line {lineno}: corrupt JSON ({exc.msg})") from exc
-            if not isinstance(record, dict):
-                raise ValueError(f"{path}: line {lineno}: expected a JSON object, got {type(record).__name__}")
-            records.append(record)
-    return records
+    return [record.fields for record in read_jsonl(path)]
 
 
 def load_runs(results_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:

@@ -13,6 +13,7 @@ import csv
 import gzip
 import io
 import json
+import os
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -89,7 +90,7 @@ def _csv_records(path: Path) -> list[Record]:
     return records
 
 
-def read_jsonl(path: str | Path) -> list[Record]:
+def read_jsonl(path: str | os.PathLike[str]) -> list[Record]:
     """The JSON objects of a JSON Lines file (optionally .bz2/.gz), in file order; blank lines are skipped.
 
     Raises:
