@@ -1,5 +1,5 @@
-"""Tiny random models for the tests: an MLP, a BERT with a classification head, a GPT-2 (Conv1D)
-and a small CNN. All are seeded and run in milliseconds."""
+"""Tiny random models for the tests: an MLP, a BERT with a classification head, a GPT-2 (Conv1D),
+a Llama and a small CNN. All are seeded and run in milliseconds."""
 
 from __future__ import annotations
 
@@ -128,13 +128,13 @@ def tiny_tokenizer(chat_template: str | None = CHATML_TEMPLATE):
     return tokenizer
 
 
-def tiny_llama(vocab_size: int, seed: int = 0, dtype: torch.dtype = torch.float32):
+def tiny_llama(vocab_size: int, seed: int = 0, dtype: torch.dtype = torch.float32, tie_word_embeddings: bool = False):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=vocab_size, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
-                         tie_word_embeddings=False, initializer_range=0.2)
+                         tie_word_embeddings=tie_word_embeddings, initializer_range=0.2)
     return LlamaForCausalLM(config).to(dtype).eval()
 
 

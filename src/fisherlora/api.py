@@ -9,7 +9,7 @@ from torch import nn
 
 from .config import FisherConfig
 from .init.registry import INITIALIZERS, get_initializer
-from .peft import LayerReport, find_target_layers, write_adapters
+from .peft import LayerReport, check_can_initialize, find_target_layers, write_adapters
 from .stats.collect import collect_statistics
 from .stats.container import FisherStats
 from .stats.objective import LossFn, SampleFn
@@ -71,7 +71,10 @@ def initialize_lora_fisher(
 
     Writes `lora_A`, `lora_B` and the residual base weight `W - s B A` of every LoRA layer of
     `adapter_name`, in each layer's dtype; the model's outputs are unchanged. All layers are
-    computed before any is written, so an error leaves the model untouched.
+    computed before any is written, so an error leaves the model untouched. A layer whose weight
+    is tied to another parameter (e.g. `lm_head` with `tie_word_embeddings=True`) gets its own copy
+    first, with a warning and `LayerReport.untied_from`. A `torch.compile`d model works as the
+    model inside it.
 
     Args:
         model: a `PeftModel` with a LoRA adapter.
@@ -81,9 +84,15 @@ def initialize_lora_fisher(
 
     Returns:
         one `LayerReport` per layer (captured Fisher energy, damping used).
+
+    Raises:
+        ValueError: before reading any data, if a targeted layer also holds another adapter
+            (writing the residual would change its outputs) or the adapter is not at zero (created
+            with `init_lora_weights="pissa"` etc., trained, or already initialized).
     """
     config = config or FisherConfig()
     initializer = get_initializer(config.method)
+    check_can_initialize(model, adapter_name)
     stats: FisherStats | None
     if stats_or_dataloader is None or isinstance(stats_or_dataloader, FisherStats):
         stats = stats_or_dataloader

@@ -5,15 +5,22 @@ from __future__ import annotations
 import copy
 import json
 import os
+import warnings
 import weakref
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from .base_weight_guards import (
+    adapter_at_zero,
+    check_adapter_is_alone_and_at_zero,
+    shared_weight_names,
+    untie_weight,
+)
 from .config import FisherConfig
 from .files import staged_directory
 from .init.registry import get_initializer, run_initializer
@@ -22,6 +29,8 @@ from .stats.container import FisherStats, fingerprints_match, weight_fingerprint
 from .stats.layers import layer_type_of, module_weight, weight_matrix
 
 PEFT_PREFIX = "base_model.model."
+# `torch.compile(model)` returns a wrapper holding the model as `_orig_mod`; its module names gain this part.
+COMPILE_WRAPPER = "_orig_mod"
 
 
 def _as_any(module: nn.Module) -> Any:
@@ -29,9 +38,24 @@ def _as_any(module: nn.Module) -> Any:
     return module
 
 
+def without_compile_wrappers(name: str) -> str:
+    """Module name with every `torch.compile` wrapper part (`_orig_mod`) removed, so that a compiled
+    model, the model inside it and a model with compiled submodules name their layers alike."""
+    return ".".join(part for part in name.split(".") if part != COMPILE_WRAPPER)
+
+
 def base_name(name: str) -> str:
-    """Module name inside the base model: PEFT's `base_model.model.` prefix removed."""
+    """Module name inside the base model: `torch.compile`'s `_orig_mod` parts and PEFT's
+    `base_model.model.` prefix removed."""
+    name = without_compile_wrappers(name)
     return name[len(PEFT_PREFIX):] if name.startswith(PEFT_PREFIX) else name
+
+
+def unwrap_compiled(model: nn.Module) -> nn.Module:
+    """The model inside `torch.compile` wrappers (their `_orig_mod`), else `model` itself."""
+    while isinstance(getattr(model, COMPILE_WRAPPER, None), nn.Module):
+        model = getattr(model, COMPILE_WRAPPER)
+    return model
 
 
 def _lora_layer_class() -> type:
@@ -41,9 +65,10 @@ def _lora_layer_class() -> type:
 
 
 def is_peft_model(model: nn.Module) -> bool:
+    """Whether `model` is a `PeftModel`, or a `torch.compile` wrapper around one."""
     from peft import PeftModel
 
-    return isinstance(model, PeftModel)
+    return isinstance(unwrap_compiled(model), PeftModel)
 
 
 def find_target_layers(
@@ -53,6 +78,7 @@ def find_target_layers(
 
     For a PEFT model: every LoRA layer holding `adapter_name`. For a plain model: the modules
     matched by `target_modules` (PEFT's own matching rules: a list of name suffixes or a regex).
+    Names are those of the base model (`base_name`), also for a `torch.compile`d model.
 
     Raises:
         ValueError: no layer is targeted. TypeError: a targeted module has an unsupported type
@@ -82,7 +108,8 @@ def find_target_layers(
         from peft.tuners.lora import LoraModel
 
         probe = LoraConfig(target_modules=target_modules if isinstance(target_modules, str) else list(target_modules))
-        for name, module in model.named_modules():
+        for raw_name, module in model.named_modules():
+            name = without_compile_wrappers(raw_name)
             if name and LoraModel._check_target_module_exists(probe, name):
                 if not hasattr(module, "weight") and isinstance(module, nn.ModuleDict | nn.ModuleList | nn.Sequential):
                     continue
@@ -110,6 +137,9 @@ class LayerReport:
         captured_energy: fraction of `||W||^2` in the Fisher norm held by the adapter (None for
             data-free methods).
         damping_added: absolute damping added to `(A, G)`.
+        untied_from: the parameters this layer's weight was tied to (shared storage, e.g. the input
+            embedding of a model with `tie_word_embeddings=True`): the layer got its own copy
+            before its residual was written, and those parameters kept `W`. Empty if not tied.
     """
 
     name: str
@@ -117,11 +147,13 @@ class LayerReport:
     scaling: float
     captured_energy: float | None
     damping_added: tuple[float, float] | None
+    untied_from: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
         energy = "-" if self.captured_energy is None else f"{self.captured_energy:.3f}"
         damping = "-" if self.damping_added is None else f"A+{self.damping_added[0]:.2e}, G+{self.damping_added[1]:.2e}"
-        return f"{self.name}: r={self.rank} s={self.scaling:g} fisher energy={energy} damping {damping}"
+        untied = f"; weight untied from {', '.join(self.untied_from)}" if self.untied_from else ""
+        return f"{self.name}: r={self.rank} s={self.scaling:g} fisher energy={energy} damping {damping}{untied}"
 
 
 # Per layer (base name): initial A, B (float32, CPU) and the scaling, for save_as_lora.
@@ -170,15 +202,30 @@ def check_statistics_match(stats: FisherStats, targets: list[TargetLayer]) -> No
             )
 
 
+def check_can_initialize(model: nn.Module, adapter_name: str = "default") -> list[TargetLayer]:
+    """The layers of `adapter_name`, once it is known that writing their residuals changes no
+    other output: no other adapter on them, and the adapter at zero.
+
+    Raises:
+        ValueError: see `base_weight_guards.check_adapter_is_alone_and_at_zero`; also those of
+            `find_target_layers`.
+    """
+    targets = find_target_layers(model, adapter_name)
+    check_adapter_is_alone_and_at_zero(targets, adapter_name)
+    return targets
+
+
 def write_adapters(
     model: nn.Module, stats: FisherStats | None, config: FisherConfig, adapter_name: str = "default"
 ) -> list[LayerReport]:
     """Compute every targeted layer's factors and residual, then write them; all or nothing.
 
     All factors are computed before the first write, so a failing layer leaves the model intact.
+    A layer whose weight is tied to another parameter gets its own copy first (with a warning, and
+    named in its `LayerReport.untied_from`), so the other keeps `W`.
     """
     initializer = get_initializer(config.method)
-    targets = find_target_layers(model, adapter_name)
+    targets = check_can_initialize(model, adapter_name)
     if stats is not None:
         check_statistics_match(stats, targets)
     elif initializer.needs_statistics:
@@ -200,6 +247,8 @@ def write_adapters(
             factor_dtype=layer.lora_A[adapter_name].weight.dtype,
         )
         planned.append((target, rank, scaling, result))
+    tied = {name: [base_name(other) for other in others]
+            for name, others in shared_weight_names(model, targets).items()}
     reports = []
     initial: InitialFactors = {}
     for target, rank, scaling, result in planned:
@@ -210,17 +259,26 @@ def write_adapters(
             parameter_b = layer.lora_B[adapter_name].weight
             parameter_a.copy_(lora_a.to(dtype=parameter_a.dtype, device=parameter_a.device))
             parameter_b.copy_(lora_b.to(dtype=parameter_b.dtype, device=parameter_b.device))
+        if target.name in tied:
+            untie_weight(model, target.weight_module)
+            warnings.warn(
+                f"module {target.name!r} shares its weight with {tied[target.name]} (tied weights): it got its own "
+                "copy before its residual was written, so those keep W (one more weight matrix in memory; a tied "
+                "output embedding also gets config.tie_word_embeddings = False)",
+                stacklevel=3,
+            )
         _write_residual(target.weight_module, target.layer_type, result.residual)
         initial[target.name] = (lora_a.detach().float().cpu().clone(), lora_b.detach().float().cpu().clone(), scaling)
-        reports.append(LayerReport(target.name, rank, scaling, result.captured_energy, result.damping_added))
-    _INITIAL_STATES.setdefault(model, {})[adapter_name] = initial
+        reports.append(LayerReport(target.name, rank, scaling, result.captured_energy, result.damping_added,
+                                   untied_from=tied.get(target.name, [])))
+    _INITIAL_STATES.setdefault(unwrap_compiled(model), {})[adapter_name] = initial
     return reports
 
 
 def adapter_is_zero(model: nn.Module, adapter_name: str = "default") -> bool:
-    """Whether every `B` of the adapter is zero: then `s B A = 0` and the base weights are unchanged."""
-    return all(not bool(_as_any(target.hook_module).lora_B[adapter_name].weight.any())
-               for target in find_target_layers(model, adapter_name))
+    """Whether every `B` of the adapter (weight and bias) is zero: then `s B A = 0` and the base
+    weights are unchanged."""
+    return all(adapter_at_zero(target.hook_module, adapter_name) for target in find_target_layers(model, adapter_name))
 
 
 def _converted_config(peft_config: Any) -> Any:
@@ -273,7 +331,10 @@ def save_as_lora(model: nn.Module, out_dir: str | os.PathLike[str], adapter_name
     The model's base weights hold `W - s B0 A0`; its adapter holds trained `A1, B1`. Since
     `W - s B0 A0 + s B1 A1 = W + [s B1, -s B0] [A1; A0]`, the saved adapter has rank `2r`,
     scaling 1, `A = [A1; A0]`, `B = [s B1, -s B0]` (the conversion PEFT applies to
-    PiSSA/CorDA/LoRA-GA). `modules_to_save` (e.g. a classifier head) are saved as PEFT does.
+    PiSSA/CorDA/LoRA-GA). With `lora_bias=True` the bias `b` of `lora_B` starts at zero and the
+    trained model adds `s b`, so the converted bias is `s b` (scaling 1). `modules_to_save` (e.g. a
+    classifier head) are saved as PEFT does. A `torch.compile`d model and the model inside it
+    convert alike.
     The folder is written to a temporary sibling and renamed into place. The initial factors are
     remembered by `initialize_lora_fisher` in this process; in another process pass
     `initial_adapter`, the adapter folder saved right after initialization.
@@ -284,6 +345,7 @@ def save_as_lora(model: nn.Module, out_dir: str | os.PathLike[str], adapter_name
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import save_file
 
+    model = unwrap_compiled(model)
     if not is_peft_model(model):
         raise TypeError(f"save_as_lora needs a PeftModel, got {type(model).__name__}")
     states = _INITIAL_STATES.get(model, {})
@@ -312,6 +374,13 @@ def save_as_lora(model: nn.Module, out_dir: str | os.PathLike[str], adapter_name
         state[f"{key}.lora_A.weight"] = torch.cat([trained_a, initial_a], dim=0).to(dtype).contiguous()
         converted_b = torch.cat([scaling * trained_b, -scaling * initial_b], dim=1)
         state[f"{key}.lora_B.weight"] = converted_b.to(dtype).contiguous()
+        # PEFT saves the base weight of a target named like an embedding (`lm_head`, `embed_tokens`): here the
+        # residual, which must not overwrite the original base's weight on loading.
+        state.pop(f"{key}.base_layer.weight", None)
+        if f"{key}.lora_B.bias" in state:
+            # Initialization refuses an adapter not at zero, so the initial bias was 0: s * (b1 - 0).
+            trained_bias = layer.lora_B[adapter_name].bias.detach().float().cpu()
+            state[f"{key}.lora_B.bias"] = (scaling * trained_bias).to(dtype).contiguous()
     config = _converted_config(peft_config)
     with staged_directory(out_dir) as staging:
         save_file({k: v.contiguous() for k, v in state.items()}, str(staging / "adapter_model.safetensors"),
