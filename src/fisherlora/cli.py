@@ -8,8 +8,9 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from .arguments import add_list_argument
 from .config import EIG_SCALES, FISHER_TYPES, GRAD_SCALES, FisherConfig
-from .jobs.common import DTYPES, TASKS
+from .jobs.common import DTYPES, TASKS, is_regular_expression
 
 MAX_PRINTED_LAYERS = 24  # beyond this, the per-layer lines are in report.json only
 
@@ -28,9 +29,10 @@ def _add_fisher_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _fisher_config(args: argparse.Namespace) -> FisherConfig:
+    # The statistics' progress bar only on a terminal: in a log file each redraw would be a line.
     return FisherConfig(method=args.method, fisher=args.fisher, num_batches=args.batches, n_samples=args.samples,
                         damping=args.damping, grad_scale=args.grad_scale, eig_scale=args.eig_scale,
-                        progress=not args.no_progress)
+                        progress=not args.no_progress and sys.stderr.isatty())
 
 
 def _command_methods(args: argparse.Namespace) -> int:
@@ -120,8 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--rank", type=int, default=None, help=_defaults_help("rank"))
     init.add_argument("--alpha", type=int, default=None, help="LoRA alpha (default 2 * rank)")
     init.add_argument("--rslora", action="store_true", help="scale by alpha / sqrt(r)")
-    init.add_argument("--targets", nargs="+", default=None, help="all-linear, module names, or one regular "
-                      "expression (full match); " + _defaults_help("targets"))
+    add_list_argument(init, "--targets", default=None, keep_whole=is_regular_expression,
+                      help="all-linear, module names (spaces or commas), or one regular expression (full match); "
+                      + _defaults_help("targets"))
     init.add_argument("--dtype", choices=DTYPES, default=None, help="dtype the model is loaded and the adapter "
                       "written in; statistics accumulate in float32; " + _defaults_help("dtype"))
     init.add_argument("--device", default=None, help="default: cuda when available, else cpu")

@@ -3,9 +3,42 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
+
+from ..arguments import add_list_argument
+
+# `bench-init` also takes NAME+sketch: NAME with the sketch size of --sketch-rank/--sketch-threshold.
+INIT_COST_SKETCH = "+sketch"
+
+
+def check_method_names(methods: Sequence[str]) -> None:
+    """Refuse, before any work, a benchmark method name that `build_model` would not accept.
+
+    A name is a known method (`known_methods()`) with optional `+sketchK`/`+linear` suffixes and,
+    for this project's methods only, `@empirical`/`@true` (see `parse_method`).
+
+    Raises:
+        ValueError: naming the first bad name and listing the known ones.
+    """
+    from ..config import FISHER_TYPES
+    from ..methods import PEFT_BASELINES
+    from .baselines import known_methods, parse_method
+
+    known = f"known methods: {', '.join(known_methods())} (suffixes: @true, +sketchK, +linear)"
+    for method in methods:
+        try:
+            parsed = parse_method(method)
+        except ValueError as error:
+            raise ValueError(f"{error}; {known}") from None
+        if parsed.name not in known_methods():
+            raise ValueError(f"unknown method {method!r}; {known}")
+        baseline_with_suffix = parsed.name in PEFT_BASELINES and ("@" in method or parsed.sketch_rank is not None)
+        if parsed.fisher not in FISHER_TYPES or baseline_with_suffix:
+            raise ValueError(f"method {method!r}: only this project's methods take @empirical or @true and "
+                             f"+sketchK; {known}")
 
 
 def add_bench_commands(commands: Any) -> None:
@@ -14,16 +47,17 @@ def add_bench_commands(commands: Any) -> None:
     bench = commands.add_parser("bench", help="run the benchmark (default: the quick preset)")
     bench.add_argument("--preset", default="quick", choices=sorted(PRESETS))
     bench.add_argument("--out", default=None, help="results folder (default results/<preset>)")
-    bench.add_argument("--methods", nargs="+", default=None, help="subset of methods (e.g. lora pissa fisher_svd)")
-    bench.add_argument("--tasks", nargs="+", default=None, help="subset of the preset's tasks")
-    bench.add_argument("--seeds", nargs="+", type=int, default=None)
-    bench.add_argument("--lrs", nargs="+", type=float, default=None, help="replace the preset's LR grid")
+    add_list_argument(bench, "--methods", default=None,
+                      help="subset of methods, separated by spaces or commas (e.g. lora,pissa,fisher_svd)")
+    add_list_argument(bench, "--tasks", default=None, help="subset of the preset's tasks")
+    add_list_argument(bench, "--seeds", int, default=None)
+    add_list_argument(bench, "--lrs", float, default=None, help="replace the preset's LR grid")
     bench.add_argument("--model", default=None, help="bring your own: a sequence-classification model folder")
     bench.add_argument("--data", default=None, help="bring your own: CSV with text and label columns")
     bench.add_argument("--test-data", default=None, help="bring your own: separate test CSV")
     bench.add_argument("--text-column", default="text")
     bench.add_argument("--label-column", default="label")
-    bench.add_argument("--targets", nargs="+", default=None, help="LoRA target modules for --model")
+    add_list_argument(bench, "--targets", default=None, help="LoRA target modules for --model")
     bench.add_argument("--no-report", action="store_true", help="do not write summary.md and plots at the end")
     bench.add_argument("--threads", type=int, default=None,
                        help="torch CPU threads (1 per process when running one process per seed)")
@@ -31,7 +65,9 @@ def add_bench_commands(commands: Any) -> None:
 
     init_cost = commands.add_parser("bench-init", help="time each initialization on the same calibration batches")
     init_cost.add_argument("--task", default="text", choices=["text", "lm", "vision"])
-    init_cost.add_argument("--methods", nargs="+", default=None)
+    add_list_argument(init_cost, "--methods", default=None,
+                      help=f"methods to time: any name bench takes, or NAME{INIT_COST_SKETCH} (sketched per "
+                           "--sketch-rank/--sketch-threshold)")
     init_cost.add_argument("--batches", type=int, default=32, help="calibration batches")
     init_cost.add_argument("--batch-size", type=int, default=16)
     init_cost.add_argument("--repeats", type=int, default=3)
@@ -75,6 +111,8 @@ def command_bench(args: argparse.Namespace) -> int:
     from .summary import summarize
     from .tasks import build_task
 
+    if args.methods:
+        check_method_names(args.methods)
     if args.threads:
         import torch
 
@@ -134,6 +172,9 @@ def command_report(args: argparse.Namespace) -> int:
 def command_init_cost(args: argparse.Namespace) -> int:
     from .init_cost import DEFAULT_METHODS, InitCostConfig, format_init_cost, run_init_cost
 
+    if args.methods:
+        # NAME+sketch is checked as NAME+sketch1: a valid name with a sketch (refused for PEFT's baselines).
+        check_method_names([f"{name}1" if name.endswith(INIT_COST_SKETCH) else name for name in args.methods])
     if args.threads:
         import torch
 

@@ -109,6 +109,7 @@ def run_init_cost(config: InitCostConfig, out: str | os.PathLike[str] | None = N
     from tqdm.auto import tqdm
 
     from .presets import get_preset
+    from .runner import progress_bars_wanted
     from .tasks import build_task
 
     options = dict(config.task_options) or dict(get_preset(config.task).tasks[config.task].options)
@@ -116,11 +117,16 @@ def run_init_cost(config: InitCostConfig, out: str | os.PathLike[str] | None = N
     calibration = task.calibration_loader(config.calibration_batches, config.batch_size, 0)
     samples: dict[str, list[dict[str, float]]] = {method: [] for method in config.methods}
     _time_method(task, "lora", calibration[:1], config)  # warm-up: first-call allocations and imports
-    with tqdm(total=config.repeats * len(config.methods), desc="init cost", unit="init") as bar:
-        for _ in range(config.repeats):
-            for method in config.methods:
+    bars = progress_bars_wanted(True)
+    total = config.repeats * len(config.methods)
+    with tqdm(total=total, desc="init cost", unit="init", disable=not bars) as bar:
+        for repeat in range(config.repeats):
+            for index, method in enumerate(config.methods):
                 samples[method].append(_time_method(task, method, calibration, config))
                 bar.update(1)
+                if not bars:  # a log file: one line per timed initialization
+                    print(f"init cost {repeat * len(config.methods) + index + 1}/{total}: {method} "
+                          f"{samples[method][-1]['seconds']:.2f} s", flush=True)
     epoch_seconds = _time_epoch(task, config.task) if config.reference_epoch else None
     medians = {
         method: {key: statistics.median(sample[key] for sample in runs) for key in runs[0]}

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -81,6 +82,12 @@ class RunSpec:
         """Identifies the run: same id means same task, method, seed, LR and settings."""
         digest = hashlib.sha1(json.dumps(self.config_dict(), sort_keys=True, default=str).encode()).hexdigest()[:10]
         return f"{self.task}|{self.method}|seed={self.seed}|lr={self.lr:g}|{digest}"
+
+
+def progress_bars_wanted(show_progress: bool) -> bool:
+    """Bars only on a terminal: in a log file (`> log 2>&1`) every redraw would be one more line,
+    so there the runner prints one plain line per finished run instead."""
+    return show_progress and sys.stderr.isatty()
 
 
 def seed_everything(seed: int) -> None:
@@ -284,7 +291,7 @@ def execute(spec: RunSpec, task: Task, show_progress: bool = True) -> dict[str, 
         batches = training_batches(task, spec)
         seed_everything(spec.seed)
         bar = tqdm(total=len(batches), desc=f"{spec.task} {spec.method} lr={spec.lr:g} s{spec.seed}",
-                   unit="step", leave=False, disable=not show_progress)
+                   unit="step", leave=False, disable=not progress_bars_wanted(show_progress))
 
         def progress(step: int, loss: float) -> None:
             bar.update(1)
@@ -337,7 +344,7 @@ def run_all(specs: Sequence[RunSpec], results: ResultsFile, task_factory: Callab
     pending = [spec for spec in specs if spec.run_id() not in done]
     written = []
     with tqdm(total=len(specs), initial=len(specs) - len(pending), desc="runs", unit="run",
-              disable=not show_progress or rank != 0) as bar:
+              disable=not progress_bars_wanted(show_progress) or rank != 0) as bar:
         for spec in pending:
             if world == 1 and spec.run_id() in results.done_ids():
                 # Another process sharing the results folder finished it meanwhile.
@@ -350,9 +357,12 @@ def run_all(specs: Sequence[RunSpec], results: ResultsFile, task_factory: Callab
                 results.append(record)
             written.append(record)
             bar.update(1)
-            status = record.get("error") or f"val={record['val_metric']:.4f} test={record['test_metric']:.4f}"
+            status = record.get("error") or (f"val={record['val_metric']:.4f} test={record['test_metric']:.4f} "
+                                             f"(init {record['init_seconds']:.1f} s, "
+                                             f"train {record['train_seconds']:.1f} s)")
             if rank == 0:
                 bar.write(f"{spec.task:>7} {spec.method:<18} seed={spec.seed} lr={spec.lr:g}: {status}")
+                sys.stdout.flush()  # a log file sees each run as it finishes
     if world > 1:
         import torch.distributed as distributed
 

@@ -121,13 +121,19 @@ def resolve_task(model_dir: str | Path, config: Any, task: str | None) -> TaskNa
     return task  # type: ignore[return-value]
 
 
+def is_regular_expression(value: str) -> bool:
+    """Whether a --targets value is a regular expression rather than a module name (kept whole,
+    commas included: they may be part of it, as in `{1,3}`)."""
+    return bool(REGEX_CHARACTERS & set(value))
+
+
 def parse_targets(values: list[str]) -> str | list[str]:
     """PEFT's `target_modules` from the command line: "all-linear", one regex (a string), or names (a list)."""
     if not values:
         raise ValueError("--targets needs at least one value")
     if values == [ALL_LINEAR]:
         return ALL_LINEAR
-    patterns = [value for value in values if REGEX_CHARACTERS & set(value)]
+    patterns = [value for value in values if is_regular_expression(value)]
     if patterns and len(values) > 1:
         raise ValueError(f"--targets: a regular expression ({patterns[0]!r}) must be the only value")
     if patterns:

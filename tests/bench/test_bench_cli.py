@@ -1,0 +1,125 @@
+"""`fisherlora bench`, `bench-init` and `init` on the command line: list options, names checked
+before any work, and logs that are not a terminal."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from fisherlora.bench import init_cost, presets, runner, tasks
+from fisherlora.bench.results import ResultsFile
+from fisherlora.cli import build_parser, main
+
+from .test_runner import TRAINING, tiny_task
+
+
+class WorkStarted(Exception):
+    """Raised by the stand-ins below: the command got past its checks."""
+
+
+@pytest.fixture
+def no_work(monkeypatch: pytest.MonkeyPatch) -> dict:
+    """Replace every place where a command starts working; record what it would have run."""
+    seen: dict = {}
+
+    def refuse(name: str):
+        def stand_in(*args, **kwargs):
+            seen[name] = (args, kwargs)
+            raise WorkStarted(name)
+
+        return stand_in
+
+    monkeypatch.setattr(tasks, "build_task", refuse("build_task"))
+    monkeypatch.setattr(runner, "run_all", refuse("run_all"))
+    monkeypatch.setattr(init_cost, "run_init_cost", refuse("run_init_cost"))
+    return seen
+
+
+def test_every_list_option_takes_commas_or_spaces():
+    parser = build_parser()
+    args = parser.parse_args(["bench", "--methods", "lora,pissa", "fisher_svd", "--tasks", "text,lm", "--seeds",
+                              "0,1", "2", "--lrs", "1e-3,3e-3", "--targets", "query,", "value"])
+    assert args.methods == ["lora", "pissa", "fisher_svd"]
+    assert args.tasks == ["text", "lm"] and args.seeds == [0, 1, 2] and args.lrs == [1e-3, 3e-3]
+    assert args.targets == ["query", "value"]
+    args = parser.parse_args(["bench-init", "--methods", "fisher_svd+sketch64@true,pissa", "eva"])
+    assert args.methods == ["fisher_svd+sketch64@true", "pissa", "eva"]
+    args = parser.parse_args(["init", "--model", "m", "--data", "d.csv", "--text-column", "t", "--label-column", "l",
+                              "--out", "o", "--targets", "query,value", "dense"])
+    assert args.targets == ["query", "value", "dense"]
+    regex = r"model\.layers\.\d{1,2}\.self_attn\.(q|v)_proj"  # a regular expression keeps its commas
+    args = parser.parse_args(["init", "--model", "m", "--data", "d.jsonl", "--out", "o", "--targets", regex])
+    assert args.targets == [regex]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["bench", "--seeds", "0,x"], "invalid int value: '0,x'"),
+    (["bench", "--lrs", "1e-3,fast"], "invalid float value: '1e-3,fast'"),
+    (["bench", "--methods", ","], "argument --methods: expected at least one value"),
+    (["bench", "--preset", "nope"], "invalid choice: 'nope'"),
+    (["bench-init", "--task", "nope"], "invalid choice: 'nope'"),
+    (["init", "--model", "m", "--data", "d", "--text-column", "t", "--label-column", "l", "--out", "o",
+      "--method", "fisher_svdd"], "invalid choice: 'fisher_svdd'"),
+])
+def test_malformed_values_are_usage_errors(argv: list[str], message: str, capsys: pytest.CaptureFixture[str],
+                                          no_work: dict):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not no_work
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["bench", "--methods", "lora,pissa,fisher_svdd"], "'fisher_svdd'"),
+    (["bench", "--methods", "lora", "pisa"], "'pisa'"),
+    (["bench", "--methods", "pissa@true"], "'pissa@true'"),
+    (["bench", "--methods", "fisher_svd@bogus"], "'fisher_svd@bogus'"),
+    (["bench", "--methods", "fisher_svd+sketch"], "+sketchK"),
+    (["bench", "--model", "m", "--data", "d.csv", "--methods", "lora,nope"], "'nope'"),
+    (["bench", "--methods", "lora", "--tasks", "text,nope"], "['nope']"),
+    (["bench-init", "--methods", "fisher_svd,nope"], "'nope'"),
+])
+def test_unknown_names_exit_non_zero_with_the_known_names_before_any_work(
+        argv: list[str], named: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], no_work: dict):
+    out = tmp_path / "out"
+    assert main([*argv, "--out", str(out)]) == 2
+    error = capsys.readouterr().err
+    assert named in error
+    known = "'text'" if "--tasks" in argv else "lora, gaussian, pissa"
+    assert known in error, error
+    assert not no_work and not out.exists()
+
+
+def test_bench_init_accepts_the_names_bench_accepts(tmp_path: Path, no_work: dict):
+    names = "lora,pissa+linear,fisher_svd@true,fisher_grad+sketch64,fisher_eig+sketch64@true,fisher_svd+sketch"
+    with pytest.raises(WorkStarted):
+        main(["bench-init", "--methods", names, "--no-epoch"])
+    config = no_work["run_init_cost"][0][0]
+    assert config.methods == names.split(",")
+    with pytest.raises(WorkStarted):
+        main(["bench", "--methods", names.rsplit(",", 1)[0], "--out", str(tmp_path)])
+    specs = no_work["run_all"][0][0]
+    assert [spec.method for spec in specs] == names.split(",")[:-1]
+
+
+def test_bench_log_that_is_not_a_terminal_has_one_line_per_run(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                              monkeypatch: pytest.MonkeyPatch):
+    tiny = presets.Preset("tiny", "two quick runs", {"tiny": presets.TaskPlan(lrs=[1e-3], training=TRAINING)},
+                          methods=["lora"], seeds=[0])
+    monkeypatch.setitem(presets.PRESETS, "tiny", tiny)
+    task = tiny_task()
+    monkeypatch.setattr(tasks, "build_task", lambda name, **options: task)
+    # capsys stands in for `> log 2>&1`: its streams are not terminals.
+    assert main(["bench", "--preset", "tiny", "--methods", "lora,fisher_svd", "--out", str(tmp_path),
+                 "--no-report"]) == 0
+    captured = capsys.readouterr()
+    log = captured.out + captured.err
+    assert "\r" not in log, "progress-bar redraws in a log file"
+    assert not captured.err.strip(), captured.err
+    runs = [line for line in log.splitlines() if re.match(r"\s*tiny (lora|fisher_svd) +seed=0 lr=0.001: val=", line)]
+    assert len(runs) == 2, log
+    assert [record["method"] for record in ResultsFile(tmp_path).records()] == ["lora", "fisher_svd"]
+    assert len(log.splitlines()) <= 12, log  # header, the two runs, the summary table
