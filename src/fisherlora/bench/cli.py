@@ -166,7 +166,25 @@ def command_report(args: argparse.Namespace) -> int:
         print(f"wrote {markdown_path} and {plot_path}")
         if args.readme:
             print(f"updated {update_readme_overview(args.readme, args.results_dirs, summaries, plot_path)}")
+    _report_verdict(args)
     return 0
+
+
+def _report_verdict(args: argparse.Namespace) -> None:
+    """verdict.md and forest.png next to the overview (or in the one folder), when there are stage-2 runs."""
+    from .readme import update_readme_verdict
+    from .results import common_folder
+    from .verdict_report import format_verdict, write_verdict
+
+    written = write_verdict(args.results_dirs, common_folder(args.results_dirs))
+    if written is None:
+        print("no stage-2 (eval) runs: no verdict")
+        return
+    markdown_path, plot_path, result = written
+    print(format_verdict(result))
+    print(f"wrote {markdown_path} and {plot_path}")
+    if args.readme:
+        print(f"updated {update_readme_verdict(args.readme, args.results_dirs, result, plot_path)}")
 
 
 def command_init_cost(args: argparse.Namespace) -> int:

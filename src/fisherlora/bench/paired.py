@@ -68,8 +68,15 @@ def sign_flip_p(differences: Sequence[float] | np.ndarray) -> float:
         return math.nan
     if n > MAX_EXACT_SIGN_FLIP_N:
         raise ValueError(f"exact sign-flip test enumerates 2**n patterns; n={n} > {MAX_EXACT_SIGN_FLIP_N}")
+    if n == 1:
+        return 1.0
+    return _permutation_p(d, np.inf, None)
+
+
+def _permutation_p(d: np.ndarray, resamples: float, rng: np.random.Generator | None) -> float:
+    """P(|sum of sign-flipped d| >= |sum d|) by ``scipy.stats.permutation_test`` (exact for ``np.inf``)."""
     scale = float(np.abs(d).sum())
-    if n == 1 or scale == 0.0:
+    if scale == 0.0:
         return 1.0
 
     def statistic(x: np.ndarray, axis: int) -> np.ndarray:
@@ -79,5 +86,102 @@ def sign_flip_p(differences: Sequence[float] | np.ndarray) -> float:
         return 1.0 + np.abs(np.sum(x, axis=axis)) / scale
 
     result = stats.permutation_test((d,), statistic, permutation_type="samples", vectorized=True,
-                                    n_resamples=np.inf, alternative="greater")
+                                    n_resamples=resamples, alternative="greater", rng=rng)
     return float(result.pvalue)
+
+
+def sign_flip_p_sampled(values: Sequence[float] | np.ndarray, resamples: int = 100_000, seed: int = 0) -> float:
+    """Sign-flip p-value of ``|sum(values)|``: exact up to :data:`MAX_EXACT_SIGN_FLIP_N` values, else
+    from ``resamples`` random sign patterns drawn with ``seed`` (scipy's randomized permutation test,
+    whose p counts the observed pattern: ``(hits + 1) / (resamples + 1)``, never 0).
+
+    ``values`` may be weighted differences (``w_i * d_i``): flipping signs commutes with fixed weights,
+    so this tests a weighted mean (the pooled effect across tasks). Raises ``ValueError`` on
+    non-finite values or ``resamples < 1``.
+    """
+    d = finite_array(values, "values")
+    if d.size <= MAX_EXACT_SIGN_FLIP_N:
+        return sign_flip_p(d)
+    if resamples < 1:
+        raise ValueError(f"resamples must be >= 1, got {resamples}")
+    return _permutation_p(d, resamples, np.random.default_rng(seed))
+
+
+def mean_interval(differences: Sequence[float] | np.ndarray, level: float = 0.95) -> tuple[float, float]:
+    """Student-t confidence interval of the mean difference, ``mean ± t_{(1+level)/2, n-1} sd / sqrt(n)``
+    (``scipy.stats.ttest_1samp(...).confidence_interval``).
+
+    ``n < 2``: ``(nan, nan)``; zero spread: ``(mean, mean)``. Raises ``ValueError`` on non-finite
+    differences or a ``level`` outside (0, 1).
+    """
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"confidence level must lie in (0, 1), got {level}")
+    d = finite_array(differences, "differences")
+    if d.size < 2:
+        return math.nan, math.nan
+    if float(d.std(ddof=1)) == 0.0:
+        return float(d.mean()), float(d.mean())
+    interval = stats.ttest_1samp(d, 0.0).confidence_interval(confidence_level=level)
+    return float(interval.low), float(interval.high)
+
+
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm's step-down adjusted p-values (Holm 1979, Scand. J. Statist. 6:65-70), in input order.
+
+    With the ``m`` finite p-values sorted ``p_(1) <= ... <= p_(m)``, the adjusted value of ``p_(i)`` is
+    ``max_{j <= i} min(1, (m - j + 1) p_(j))``; rejecting where it is ``<= alpha`` controls the
+    family-wise error rate at ``alpha``. NaN entries (untested comparisons) stay NaN and do not count
+    in ``m``.
+    """
+    values = [float(p) for p in p_values]
+    finite = sorted((p, i) for i, p in enumerate(values) if math.isfinite(p))
+    adjusted = [math.nan] * len(values)
+    running = 0.0
+    for rank, (p, index) in enumerate(finite):
+        running = max(running, min(1.0, (len(finite) - rank) * p))
+        adjusted[index] = running
+    return adjusted
+
+
+def _t_test_power(noncentrality: float, df: int, critical: float) -> float:
+    """Power of the two-sided one-sample t-test: ``P(|T| > critical)``, ``T ~ noncentral t(df, noncentrality)``."""
+    # The lower tail as sf(critical, df, -noncentrality) (the same number by symmetry): scipy's nct.cdf
+    # returns NaN instead of a tiny probability far in that tail.
+    return float(stats.nct.sf(critical, df, noncentrality) + stats.nct.sf(critical, df, -noncentrality))
+
+
+def minimum_detectable_effect(sd: float, n: int, alpha: float = 0.05, power: float = 0.8) -> float:
+    """Smallest true mean difference the two-sided paired t-test at level ``alpha`` detects with
+    probability ``power``, given the standard deviation ``sd`` of per-seed differences and ``n`` pairs.
+
+    Solves ``P(|T| > t_{1-alpha/2, n-1}) = power`` for ``T ~ noncentral t(n - 1, delta sqrt(n) / sd)``
+    (``scipy.stats.nct``; root by ``scipy.optimize.brentq``) and returns ``delta`` in the units of
+    ``sd``. It grows linearly with ``sd`` and shrinks with ``n``. ``n < 2``: NaN (no test); ``sd == 0``: 0.
+    Raises ``ValueError`` for a negative or non-finite ``sd`` or ``alpha``/``power`` outside (0, 1)
+    with ``power > alpha``.
+    """
+    from scipy.optimize import brentq
+
+    if not math.isfinite(sd) or sd < 0:
+        raise ValueError(f"sd must be finite and >= 0, got {sd}")
+    if not (0.0 < alpha < 1.0 and alpha < power < 1.0):
+        raise ValueError(f"need 0 < alpha < power < 1, got alpha={alpha}, power={power}")
+    if n < 2:
+        return math.nan
+    if sd == 0.0:
+        return 0.0
+    df = n - 1
+    critical = float(stats.t.ppf(1.0 - alpha / 2.0, df))
+    upper = 1.0
+    while _t_test_power(upper, df, critical) < power:
+        upper *= 2.0
+    noncentrality = brentq(lambda nc: _t_test_power(nc, df, critical) - power, 0.0, upper, xtol=1e-12)
+    return float(noncentrality) * sd / math.sqrt(n)
+
+
+def normal_minimum_detectable_effect(standard_error: float, alpha: float = 0.05, power: float = 0.8) -> float:
+    """``(z_{1-alpha/2} + z_power) * standard_error``: the detectable effect of a two-sided z-test (normal
+    approximation, for an estimate whose standard error is known, e.g. the pooled effect across tasks)."""
+    if not (0.0 < alpha < 1.0 and alpha < power < 1.0):
+        raise ValueError(f"need 0 < alpha < power < 1, got alpha={alpha}, power={power}")
+    return float(stats.norm.ppf(1.0 - alpha / 2.0) + stats.norm.ppf(power)) * standard_error

@@ -19,6 +19,7 @@ from .curves import smooth
 from .formatting import fmt_lr
 from .roles import method_order
 from .summary import TaskSummary
+from .verdict import Verdict
 
 BASELINE_COLOR = "tab:blue"
 OURS_COLOR = "tab:orange"
@@ -134,5 +135,44 @@ def plot_overview(summaries: Sequence[TaskSummary], path: Path) -> Path:
     ax.set_title("Fisher variants against each task's best baseline (paired by seed; bars: mean ± std)")
     ax.legend()
     ax.grid(True, axis="y", alpha=0.3)
+    save_figure(fig, path)
+    return path
+
+
+def plot_forest(result: Verdict, path: Path) -> Path:
+    """Forest plot: one row per compared method, the standardized paired difference against the best
+    baseline with its 95% interval per task (colored) and pooled over tasks (black diamond).
+
+    Standardized = divided by the task's seed-to-seed spread of paired differences, so tasks with
+    different metrics share one axis. Written atomically as PNG.
+    """
+    methods = method_order({row.method for task in result.tasks for row in task.rows})
+    series = [(task.label, {row.method: row for row in task.rows}) for task in result.tasks]
+    series.append(("pooled", {row.method: row for row in result.pooled}))
+    fig = new_figure(8.0, max(3.0, 0.45 * len(methods) * max(len(series), 2) / 2 + 1.5))
+    ax = fig.add_subplot(1, 1, 1)
+    height = 0.8 / max(len(series), 1)
+    for index, (label, rows) in enumerate(series):
+        pooled = index == len(series) - 1
+        ys, xs, lows, highs = [], [], [], []
+        for position, method in enumerate(methods):
+            row = rows.get(method)
+            if row is None or not math.isfinite(row.standardized):
+                continue
+            ys.append(len(methods) - 1 - position + 0.4 - (index + 0.5) * height)
+            xs.append(row.standardized)
+            lows.append(row.standardized - row.standardized_low if math.isfinite(row.standardized_low) else 0.0)
+            highs.append(row.standardized_high - row.standardized if math.isfinite(row.standardized_high) else 0.0)
+        if xs:
+            ax.errorbar(xs, ys, xerr=[lows, highs], fmt="D" if pooled else "o", capsize=3,
+                        color="black" if pooled else None, markersize=7 if pooled else 5, label=label)
+    ax.axvline(0.0, color="gray", linewidth=0.8)
+    ax.set_yticks(range(len(methods)), list(reversed(methods)))
+    ax.set_ylim(-0.6, len(methods) - 0.4)
+    ax.set_xlabel("paired Δ test metric vs best baseline / task's seed sd of Δ (95% interval)")
+    ax.set_title("Stage 2: each method against its task's best baseline (right of 0: better)")
+    ax.grid(True, axis="x", alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
     save_figure(fig, path)
     return path

@@ -6,6 +6,7 @@ import fcntl
 import json
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,11 @@ def read_records(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
 def load_runs(results_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """Run records from ``results_dir/runs.jsonl`` (:func:`read_records`: missing file and bad lines raise)."""
     return read_records(Path(results_dir) / RUNS_FILE)
+
+
+def common_folder(folders: Sequence[str | os.PathLike[str]]) -> Path:
+    """The deepest folder containing every one of ``folders`` (the folder itself when there is one)."""
+    return Path(os.path.commonpath([os.path.abspath(folder) for folder in folders]))
 
 
 def clean_for_json(value: Any) -> Any:
