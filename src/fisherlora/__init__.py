@@ -6,9 +6,10 @@
     fl.save_as_lora(peft_model, "adapter/")
 """
 
-from . import init as _init  # noqa: F401  (registers the initializers)
 from .api import collect_fisher, initialize_lora_fisher
-from .config import FisherConfig
+from .config import CollectionConfig, FisherConfig
+from .init.catalog import CATALOG, MethodEntry, get_method
+from .init.fisher import FisherEigOptions, FisherGradOptions
 from .init.registry import INITIALIZERS, register_initializer
 from .methods import METHODS, PEFT_BASELINES, list_methods
 from .peft import LayerReport, save_as_lora
@@ -19,7 +20,13 @@ from .stats.sketch import LowRankFactor
 __version__ = "0.1.0"
 
 __all__ = [
+    "CATALOG",
+    "CollectionConfig",
+    "FisherEigOptions",
+    "FisherGradOptions",
     "INITIALIZERS",
+    "MethodEntry",
+    "get_method",
     "METHODS",
     "PEFT_BASELINES",
     "FisherConfig",

@@ -8,7 +8,8 @@ from typing import Any
 from torch import nn
 
 from .config import FisherConfig
-from .init.registry import INITIALIZERS, get_initializer
+from .init.catalog import CATALOG
+from .init.registry import get_initializer
 from .peft import LayerReport, check_can_initialize, find_target_layers, write_adapters
 from .stats.collect import collect_statistics
 from .stats.container import FisherStats
@@ -53,8 +54,8 @@ def collect_fisher(
     targets = find_target_layers(model, adapter_name, target_modules)
     with_grad_mean = config.collect_grad_mean
     if with_grad_mean is None:
-        initializer = INITIALIZERS.get(config.method)
-        with_grad_mean = initializer is not None and initializer.needs_grad_mean
+        entry = CATALOG.get(config.method)
+        with_grad_mean = entry is not None and entry.needs_grad_mean
     return collect_statistics(model, targets, dataloader, config, loss_fn, sample_fn, with_grad_mean)
 
 

@@ -6,41 +6,45 @@ import argparse
 import dataclasses
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from .arguments import add_list_argument
-from .config import EIG_SCALES, FISHER_TYPES, GRAD_SCALES, FisherConfig
+from .config import FisherConfig
 from .jobs.common import DTYPES, TASKS, is_regular_expression
 
 MAX_PRINTED_LAYERS = 24  # beyond this, the per-layer lines are in report.json only
 
 
-def _add_fisher_arguments(parser: argparse.ArgumentParser) -> None:
-    from .init.registry import INITIALIZERS
+def _initializer_entries() -> list[Any]:
+    from .init.catalog import ordered_entries
+    from .methods import CATALOG  # noqa: F401  (every method registered)
 
-    parser.add_argument("--method", default=FisherConfig.method, choices=sorted(INITIALIZERS))
-    parser.add_argument("--fisher", default="empirical", choices=FISHER_TYPES)
-    parser.add_argument("--batches", type=int, default=32, help="calibration batches (default 32)")
-    parser.add_argument("--samples", type=int, default=1, help="label draws per input for --fisher true")
-    parser.add_argument("--damping", type=float, default=1e-3)
-    parser.add_argument("--grad-scale", default="stable", choices=GRAD_SCALES)
-    parser.add_argument("--eig-scale", default="projection", choices=EIG_SCALES)
-    parser.add_argument("--no-progress", action="store_true")
+    return [entry for entry in ordered_entries() if entry.function is not None]
 
 
 def _fisher_config(args: argparse.Namespace) -> FisherConfig:
+    from .cli_config import fisher_config_from_arguments
+
+    config = fisher_config_from_arguments(args, _initializer_entries())
     # The statistics' progress bar only on a terminal: in a log file each redraw would be a line.
-    return FisherConfig(method=args.method, fisher=args.fisher, num_batches=args.batches, n_samples=args.samples,
-                        damping=args.damping, grad_scale=args.grad_scale, eig_scale=args.eig_scale,
-                        progress=not args.no_progress and sys.stderr.isatty())
+    return dataclasses.replace(config, progress=config.progress and sys.stderr.isatty())
 
 
 def _command_methods(args: argparse.Namespace) -> int:
-    from .methods import PEFT_BASELINES, list_methods
+    from .init.catalog import ordered_entries
+    from .methods import methods_table
 
-    for name, description in list_methods().items():
-        origin = "peft" if name in PEFT_BASELINES else "ours"
-        print(f"{name:<14} [{origin}] {description}")
+    if args.readme:
+        from .bench.readme import replace_readme_section
+
+        print(f"methods table: {replace_readme_section(Path(args.readme), 'methods', methods_table())}")
+        return 0
+    if args.markdown:
+        print(methods_table())
+        return 0
+    for entry in ordered_entries():
+        print(f"{entry.name:<14} [{entry.family}] {entry.description}")
     return 0
 
 
@@ -110,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     methods = commands.add_parser("methods", help="list every initialization with one line each")
+    methods.add_argument("--markdown", action="store_true", help="print the README's methods table")
+    methods.add_argument("--readme", help="write the methods table into this README (between its methods markers)")
     methods.set_defaults(handler=_command_methods)
 
     init = commands.add_parser("init", help="initialize a LoRA adapter for a causal LM or a sequence classifier")
@@ -143,7 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     causal.add_argument("--messages-field", default=None, help="list of {role, content} messages rendered with the "
                         "tokenizer's chat template, loss on the assistant turns; "
                         + _defaults_help_one("causal-lm", "messages_field"))
-    _add_fisher_arguments(init)
+    from .cli_config import add_fisher_arguments
+
+    add_fisher_arguments(init, _initializer_entries())
     init.set_defaults(handler=_command_init)
 
     _add_bench_commands(commands)

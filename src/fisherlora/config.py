@@ -1,51 +1,82 @@
-"""Configuration dataclasses. Closed sets are checked strings; open sets (methods) are registries."""
+"""Configuration dataclasses, one per concern.
+
+- `CollectionConfig`: how statistics are collected (Fisher type, batches, sketches, passes).
+- `FisherConfig(CollectionConfig)`: what the user passes: the collection settings plus the method,
+  the damping every statistics-based initializer applies, and that method's own options.
+- Each initializer declares its own options dataclass (like PEFT's `LoraGAConfig`/`EvaConfig`);
+  `FisherConfig.options` holds an instance of it, `None` meaning the method's defaults.
+
+Closed sets are `Literal` types (mypy checks callers, `__post_init__` checks values at run time);
+open sets (methods, tasks) are registries. Field metadata drives the command line (`help`, `flag`)
+and run identity (`identity`, `neutral`): see `identity_fields`.
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from typing import Any, Literal, get_args
 
-FISHER_TYPES = ("empirical", "true")
-LOSS_REDUCTIONS = ("sum", "mean")
-GRAD_SCALES = ("stable", "unit", "spectrum")
-EIG_SCALES = ("projection", "unit")
+FisherType = Literal["empirical", "true"]
+LossReduction = Literal["sum", "mean"]
+RankAllocation = Literal["uniform", "fisher"]
+
+FISHER_TYPES: tuple[str, ...] = get_args(FisherType)
+LOSS_REDUCTIONS: tuple[str, ...] = get_args(LossReduction)
 
 
-def _check_choice(field_name: str, value: str, choices: tuple[str, ...]) -> None:
+def check_choice(owner: str, field_name: str, value: Any, choices: tuple[Any, ...]) -> None:
+    """Raise `ValueError` naming `owner.field_name` when `value` is not one of `choices`."""
     if value not in choices:
-        raise ValueError(f"FisherConfig.{field_name} must be one of {choices}, got {value!r}")
+        raise ValueError(f"{owner}.{field_name} must be one of {choices}, got {value!r}")
+
+
+def check_literals(instance: Any) -> None:
+    """Check every `Literal`-typed field of a dataclass instance against its allowed values."""
+    import typing
+
+    hints = typing.get_type_hints(type(instance))
+    for item in fields(instance):
+        hint = hints.get(item.name)
+        if typing.get_origin(hint) is Literal:
+            check_choice(type(instance).__name__, item.name, getattr(instance, item.name), get_args(hint))
+
+
+def identity_fields(config: Any) -> dict[str, Any]:
+    """The fields of a config dataclass that identify a result (a benchmark run id hashes them).
+
+    A field is left out when its metadata says `identity=False` (it cannot change a result, e.g. a
+    progress bar), or when it declares a `neutral` value and has it: a field added after results
+    exist declares the value under which it changes nothing, so adding it keeps every existing run
+    id. Nested dataclasses (method options) are expanded the same way.
+
+    Returns:
+        field name -> JSON-able value.
+    """
+    values: dict[str, Any] = {}
+    for item in fields(config):
+        if not item.metadata.get("identity", True):
+            continue
+        value = getattr(config, item.name)
+        if "neutral" in item.metadata and value == item.metadata["neutral"]:
+            continue
+        values[item.name] = identity_fields(value) if is_dataclass(value) and not isinstance(value, type) else value
+    return values
 
 
 @dataclass
-class FisherConfig:
-    """How statistics are collected and how the adapter is initialized.
+class CollectionConfig:
+    """How Kronecker-factored statistics are collected.
 
     Attributes:
-        method: initializer name, one of `fisherlora.METHODS` (Fisher variants and `milora`). The
-            default, `fisher_eig`, is the Fisher variant whose worst validation rank over the
-            text, lm and vision benchmarks is best (never last of the four; `fisher_grad` has a
-            better mean rank but is last on text). See README, "Which variant is the default".
         fisher: "empirical" (gradients of the data's own labels) or "true" (labels sampled from
             the model's predictive distribution, `n_samples` draws per input; needs no labels).
         num_batches: batches of the dataloader to use; `None` uses all of them.
         n_samples: label draws per input for the true Fisher.
-        damping: relative damping `lambda`: factors become `F + lambda * mean(diag F) * I` before
-            any root or inverse.
         collect_grad_mean: also collect `M` (mean gradient per example). `None` collects it only
-            when the method needs it (`fisher_grad`).
+            when the method needs it.
         loss_reduction: only for a custom `loss_fn`: "mean" says the loss is averaged over its
             loss units (labels != -100 after the causal shift for 2-D labels, else examples), and
             is multiplied back so statistics do not depend on the batch size.
-        grad_scale: `fisher_grad` factor scale rule: "stable" (LoRA-GA's: each factor has
-            orthonormal directions times `d_out**0.25 / sqrt(grad_gamma)`), "unit" (orthonormal
-            directions), "spectrum" (product equals `grad_step` times the rank-r natural-gradient
-            approximation).
-        grad_gamma: the `gamma` of the "stable" rule (LoRA-GA's default is 16).
-        grad_step: learning-rate-like multiplier for the "spectrum" rule.
-        eig_scale: `fisher_eig` scale rule: "projection" (adapter holds `W` projected onto the
-            sensitive output/input eigenspaces) or "unit" (factors are the eigenvectors times
-            `eig_gamma`).
-        eig_gamma: factor multiplier of the "unit" rule.
         seed: seed of the label sampling of the true Fisher.
         progress: show a progress bar while collecting.
         sketch_threshold: a Kronecker factor whose dimension (`d_in` for `A`, `d_out` for `G`)
@@ -56,52 +87,67 @@ class FisherConfig:
             every `torch.distributed` rank).
         layer_groups: collect the layers in this many contiguous groups, one pass over the data per
             group: the accumulators of one group only are alive at a time (peak memory divided by
-            about `layer_groups`) for `layer_groups` times the forward/backward time. The dataloader
-            must be re-iterable and yield the same batches each pass.
-        stats_device: where finished statistics are kept (e.g. "cpu": each group's statistics leave
-            the accelerator as soon as it is done); `None` keeps them on the layer's device.
+            about `layer_groups`) for `layer_groups` times the forward/backward time.
+        stats_device: where finished statistics are kept (e.g. "cpu"); `None` keeps them on the
+            layer's device.
     """
 
-    method: str = "fisher_eig"
-    fisher: str = "empirical"
-    num_batches: int | None = 32
-    n_samples: int = 1
-    damping: float = 1e-3
-    collect_grad_mean: bool | None = None
-    loss_reduction: str = "sum"
-    grad_scale: str = "stable"
-    grad_gamma: float = 16.0
-    grad_step: float = 1.0
-    eig_scale: str = "projection"
-    eig_gamma: float = 1.0
-    seed: int = 0
-    progress: bool = True
-    sketch_threshold: int | None = None
-    sketch_rank: int = 256
-    sketch_seed: int = 0
-    layer_groups: int = 1
-    stats_device: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    fisher: FisherType = field(default="empirical", metadata={"help": "Fisher type"})
+    num_batches: int | None = field(default=32, metadata={"help": "calibration batches (None: all)",
+                                                          "flag": "--batches"})
+    n_samples: int = field(default=1, metadata={"help": "label draws per input for --fisher true",
+                                                "flag": "--samples"})
+    collect_grad_mean: bool | None = field(default=None, metadata={"cli": False})
+    loss_reduction: LossReduction = field(default="sum", metadata={"cli": False})
+    seed: int = field(default=0, metadata={"cli": False})
+    progress: bool = field(default=True, metadata={"identity": False, "cli": False})
+    sketch_threshold: int | None = field(default=None, metadata={
+        "help": "keep factors wider than this as rank --sketch-rank sketches (None: all dense)"})
+    sketch_rank: int = field(default=256, metadata={"help": "sketch size k"})
+    sketch_seed: int = field(default=0, metadata={"cli": False})
+    layer_groups: int = field(default=1, metadata={
+        "identity": False, "help": "collect in this many passes, one group of layers each (less memory)"})
+    stats_device: str | None = field(default=None, metadata={"identity": False, "cli": False})
 
     def __post_init__(self) -> None:
-        _check_choice("fisher", self.fisher, FISHER_TYPES)
-        _check_choice("loss_reduction", self.loss_reduction, LOSS_REDUCTIONS)
-        _check_choice("grad_scale", self.grad_scale, GRAD_SCALES)
-        _check_choice("eig_scale", self.eig_scale, EIG_SCALES)
+        check_literals(self)
+        owner = type(self).__name__
         if self.num_batches is not None and self.num_batches < 1:
-            raise ValueError(f"FisherConfig.num_batches must be >= 1 or None, got {self.num_batches}")
+            raise ValueError(f"{owner}.num_batches must be >= 1 or None, got {self.num_batches}")
         if self.n_samples < 1:
-            raise ValueError(f"FisherConfig.n_samples must be >= 1, got {self.n_samples}")
-        if self.damping < 0:
-            raise ValueError(f"FisherConfig.damping must be >= 0, got {self.damping}")
-        if self.grad_gamma <= 0:
-            raise ValueError(f"FisherConfig.grad_gamma must be > 0, got {self.grad_gamma}")
+            raise ValueError(f"{owner}.n_samples must be >= 1, got {self.n_samples}")
         if self.sketch_threshold is not None and self.sketch_threshold < 1:
-            raise ValueError(f"FisherConfig.sketch_threshold must be >= 1 or None, got {self.sketch_threshold}")
+            raise ValueError(f"{owner}.sketch_threshold must be >= 1 or None, got {self.sketch_threshold}")
         if self.sketch_rank < 1:
-            raise ValueError(f"FisherConfig.sketch_rank must be >= 1, got {self.sketch_rank}")
+            raise ValueError(f"{owner}.sketch_rank must be >= 1, got {self.sketch_rank}")
         if self.layer_groups < 1:
-            raise ValueError(f"FisherConfig.layer_groups must be >= 1, got {self.layer_groups}")
+            raise ValueError(f"{owner}.layer_groups must be >= 1, got {self.layer_groups}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass
+class FisherConfig(CollectionConfig):
+    """What to collect (see `CollectionConfig`) and how to initialize the adapter.
+
+    Attributes:
+        method: initializer name, one of `fisherlora.INITIALIZERS`. The default, `fisher_eig`, is the
+            Fisher variant whose worst validation rank over the text, lm and vision benchmarks is
+            best. See README, "Which variant is the default".
+        damping: relative damping `lambda`: factors become `F + lambda * mean(diag F) * I` before
+            any root or inverse (dimensionless).
+        options: the method's options dataclass (e.g. `FisherGradOptions(scale="unit")`); `None`
+            uses that method's defaults. An instance of another method's options is refused.
+    """
+
+    method: str = field(default="fisher_eig", metadata={"cli": False})
+    damping: float = field(default=1e-3, metadata={"help": "relative damping of A and G"})
+    options: Any = field(default=None, metadata={"cli": False})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.damping < 0:
+            raise ValueError(f"FisherConfig.damping must be >= 0, got {self.damping}")
+        if self.options is not None and not is_dataclass(self.options):
+            raise TypeError(f"FisherConfig.options must be a method's options dataclass, got {self.options!r}")

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from fisherlora.bench.curves import mean_curve, smooth, steps_to_reach
-from fisherlora.bench.roles import BASELINES, is_baseline, method_order
+from fisherlora.bench.roles import baselines, is_baseline, method_order
 from fisherlora.bench.selection import is_failed, select_lr
 
 from .records import make_run as _run
@@ -20,7 +20,7 @@ def test_is_baseline() -> None:
         assert not is_baseline(name)
     order = method_order(["fisher_svd", "pissa", "fisher_grad", "lora"])
     assert order == ["lora", "pissa", "fisher_grad", "fisher_svd"]
-    assert len(BASELINES) == 8
+    assert len(baselines()) >= 8
 
 
 def test_select_lr_uses_validation_not_test() -> None:

@@ -40,14 +40,27 @@ def weight() -> torch.Tensor:
 
 @pytest.mark.parametrize("method", sorted(INITIALIZERS))
 @pytest.mark.parametrize("scaling", [0.5, 2.0])
-def test_every_initializer_keeps_the_function_and_is_balanced(method: str, scaling: float, weight: torch.Tensor):
+def test_every_initializer_has_its_declared_properties(method: str, scaling: float, weight: torch.Tensor):
+    """Each catalogue entry is tested as what it declares: zero-start (B = 0, W untouched),
+    function-preserving (residual + s B A == W, balanced non-zero adapter) or a real first step
+    (W untouched, balanced non-zero adapter)."""
+    entry = INITIALIZERS[method]
     stats = make_stats(12, 9, grad_rank=3)  # rank-deficient G, as for a classification head
     result = run_initializer(method, weight, stats, 4, scaling, fl.FisherConfig(method=method))
     assert result.lora_a.shape == (4, 9) and result.lora_b.shape == (12, 4)
     assert result.lora_a.dtype == torch.float32 and result.residual.dtype == torch.float32
     assert torch.isfinite(result.lora_a).all() and torch.isfinite(result.lora_b).all()
-    torch.testing.assert_close(result.residual + scaling * result.lora_b @ result.lora_a, weight, atol=1e-5, rtol=0)
-    assert (result.lora_b @ result.lora_a).abs().max() > 0, "the adapter must not be zero: residual init"
+    if entry.zero_start:
+        assert torch.equal(result.lora_b, torch.zeros_like(result.lora_b)), f"{method} declares B = 0"
+        assert torch.equal(result.residual, weight), f"{method} declares W untouched"
+        assert (result.lora_a.norm(dim=1) > 0).all(), f"{method}: every row of A must be non-zero"
+        return
+    if entry.preserves_function:
+        torch.testing.assert_close(result.residual + scaling * result.lora_b @ result.lora_a, weight,
+                                   atol=1e-5, rtol=0)
+    else:
+        assert torch.equal(result.residual, weight), f"{method} takes a real step: W must stay untouched"
+    assert (result.lora_b @ result.lora_a).abs().max() > 0, "the adapter must not be zero"
     norm_a, norm_b = float(result.lora_a.norm()), float(result.lora_b.norm())
     assert norm_a == pytest.approx(norm_b, rel=1e-4), f"{method}: unbalanced factors |A|={norm_a} |B|={norm_b}"
 
@@ -137,7 +150,7 @@ def test_fisher_grad_spectrum_rule_approximates_the_natural_gradient():
     # A rank-2 M is reproduced exactly by a rank-2 adapter: s B A == G^-1 M A^-1 (damped).
     generator = torch.Generator().manual_seed(2)
     stats.grad_mean = (torch.randn(8, 2, generator=generator) @ torch.randn(2, 7, generator=generator)).float()
-    config = fl.FisherConfig(method="fisher_grad", grad_scale="spectrum", damping=1e-2)
+    config = fl.FisherConfig(method="fisher_grad", options=fl.FisherGradOptions(scale="spectrum"), damping=1e-2)
     result = run_initializer("fisher_grad", torch.randn(8, 7, generator=generator), stats, 2, 0.5, config)
     grad_inverse = torch.linalg.inv(stats.grad_cov.double() + 1e-2 * stats.grad_cov.diagonal().mean() * torch.eye(8))
     act_inverse = torch.linalg.inv(stats.act_cov.double() + 1e-2 * stats.act_cov.diagonal().mean() * torch.eye(7))
@@ -147,7 +160,7 @@ def test_fisher_grad_spectrum_rule_approximates_the_natural_gradient():
 
 def test_fisher_grad_stable_rule_has_lora_ga_norms():
     stats = make_stats(8, 7, seed=1)
-    config = fl.FisherConfig(method="fisher_grad", grad_scale="stable", grad_gamma=16.0)
+    config = fl.FisherConfig(method="fisher_grad", options=fl.FisherGradOptions(scale="stable", gamma=16.0))
     result = run_initializer("fisher_grad", torch.randn(8, 7), stats, 3, 1.0, config)
     expected_column_norm = 8**0.25 / 16**0.5
     torch.testing.assert_close(result.lora_b.norm(dim=0), torch.full((3,), expected_column_norm), rtol=1e-5, atol=0)

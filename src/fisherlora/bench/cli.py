@@ -100,7 +100,7 @@ def _byo_preset(args: argparse.Namespace) -> Any:
     plan = replace(text_plan, options=options)
     base = get_preset(args.preset)
     return Preset(name=f"csv-{args.preset}", description="bring your own model and CSV", tasks={"csv": plan},
-                  methods=base.methods, seeds=base.seeds)
+                  seeds=base.seeds, method_list=base.method_list)
 
 
 def command_bench(args: argparse.Namespace) -> int:
@@ -120,7 +120,7 @@ def command_bench(args: argparse.Namespace) -> int:
     preset = _byo_preset(args) if (args.model or args.data) else get_preset(args.preset)
     if args.lrs:
         for plan in preset.tasks.values():
-            plan.lrs, plan.method_lrs = list(args.lrs), {}
+            plan.lrs, plan.method_lrs, plan.third_lr = list(args.lrs), {}, None
     specs = preset.specs(methods=args.methods, tasks=args.tasks, seeds=args.seeds)
     out = Path(args.out or f"results/{preset.name}")
     results = ResultsFile(out)

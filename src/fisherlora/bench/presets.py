@@ -1,7 +1,12 @@
 """Benchmark presets: which tasks, methods, seeds and learning rates, and how big each run is.
 
 `quick` is the README's main job (one task, every method, one seed, one LR, minutes on 2 CPU
-cores); `full` follows the protocol of DESIGN.md section 5 (LR grid of 3+, 3+ seeds, 3 tasks).
+cores); `full` follows the protocol in docs/protocol.md (LR grid of 3+, 3+ seeds, 3 tasks).
+
+Method lists are not typed here: every preset runs every method of the catalogue
+(`fisherlora.init.catalog`) with its benchmark variants, so a newly registered method is
+benchmarked without editing this file; the third value of a task's LR grid follows the method's
+declared `zero_start`.
 """
 
 from __future__ import annotations
@@ -10,18 +15,27 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..config import FisherConfig
-from .roles import base_method
+from ..init.catalog import get_method, ordered_entries
+from .baselines import parse_method
 from .runner import RunSpec, TrainingConfig
 
-BASELINE_METHODS = ["lora", "gaussian", "pissa", "olora", "eva", "corda", "lora_ga", "milora"]
-# Methods whose adapter starts at zero (B = 0) take larger learning rates than those that move
-# weight into the adapter (PiSSA-like, and every Fisher variant): the grid's third value differs.
-ZERO_START_METHODS = ["lora", "gaussian", "eva"]
-FISHER_METHODS = ["fisher_svd", "fisher_select", "fisher_eig", "fisher_grad", "fisher_svd@true", "fisher_grad@true"]
-ALL_METHODS = BASELINE_METHODS + FISHER_METHODS
-# PEFT implements these for nn.Linear only; on the vision task's 1x1 convolutions they run on the
-# same layers rewritten as nn.Linear (bench/pointwise.py), the plain names failing as PEFT does.
-LINEAR_VIEW_METHODS = [f"{method}+linear" for method in ("pissa", "olora", "eva", "corda", "lora_ga")]
+
+def benchmark_methods() -> list[str]:
+    """Every catalogue method, then every declared benchmark variant (e.g. `fisher_svd@true`)."""
+    entries = ordered_entries()
+    return [entry.name for entry in entries] + [entry.name + variant for entry in entries
+                                                 for variant in entry.benchmark_variants]
+
+
+def linear_view_methods() -> list[str]:
+    """PEFT implements these for nn.Linear only; on the vision task's 1x1 convolutions they run on
+    the same layers rewritten as nn.Linear (bench/pointwise.py), the plain names failing as PEFT does."""
+    return [f"{entry.name}+linear" for entry in ordered_entries() if entry.linear_only]
+
+
+def is_zero_start(method: str) -> bool:
+    """Whether a benchmark method's adapter starts at zero (its catalogue entry says so)."""
+    return get_method(parse_method(method).name).zero_start
 
 
 @dataclass
@@ -30,18 +44,33 @@ class TaskPlan:
 
     Attributes:
         lrs: the learning-rate grid every method is tried on.
-        method_lrs: extra learning rates for some methods (grid extensions where a method's best
-            LR sat at an edge), added to `lrs` for that method.
         training: shared training settings.
         options: the task's own config overrides (subset sizes, lengths).
-        extra_methods: run on this task after the preset's methods (unless `--methods` is given).
+        third_lr: `(zero_start, other)`: one more grid value per method, the first for methods whose
+            adapter starts at zero (they take larger learning rates), the second for the others.
+        method_lrs: extra learning rates for some methods (grid extensions where a method's best
+            LR sat at an edge), added to that method's grid.
+        linear_view: also run PEFT's linear-only methods as `NAME+linear` (after the others,
+            unless `--methods` is given).
     """
 
     lrs: list[float]
     training: TrainingConfig
     options: dict[str, Any] = field(default_factory=dict)
+    third_lr: tuple[float, float] | None = None
     method_lrs: dict[str, list[float]] = field(default_factory=dict)
-    extra_methods: list[str] = field(default_factory=list)
+    linear_view: bool = False
+
+    def methods(self, methods: list[str]) -> list[str]:
+        """The preset's methods on this task, with the linear views when the task asks for them."""
+        return [*methods, *linear_view_methods()] if self.linear_view else list(methods)
+
+    def grid(self, method: str) -> list[float]:
+        """The learning rates `method` is tried on, ascending."""
+        grid = set(self.lrs) | set(self.method_lrs.get(method, []))
+        if self.third_lr is not None:
+            grid.add(self.third_lr[0] if is_zero_start(method) else self.third_lr[1])
+        return sorted(grid)
 
 
 @dataclass
@@ -49,12 +78,17 @@ class Preset:
     name: str
     description: str
     tasks: dict[str, TaskPlan]
-    methods: list[str]
     seeds: list[int]
+    method_list: list[str] | None = None  # None: every catalogue method (`benchmark_methods()`)
     # Pinned rather than FisherConfig's defaults: the config is part of every run id, so a change
     # of library default (e.g. the default method, which each run overrides anyway) must not
     # make a resumed benchmark re-run finished runs.
     fisher: FisherConfig = field(default_factory=lambda: FisherConfig(progress=False, method="fisher_select"))
+
+    @property
+    def methods(self) -> list[str]:
+        """The methods every task of the preset runs (live: a newly registered method is included)."""
+        return list(self.method_list) if self.method_list is not None else benchmark_methods()
 
     def specs(self, methods: list[str] | None = None, tasks: list[str] | None = None,
               seeds: list[int] | None = None) -> list[RunSpec]:
@@ -68,9 +102,8 @@ class Preset:
         for task in chosen_tasks:
             plan = self.tasks[task]
             for seed in seeds or self.seeds:
-                for method in methods or [*self.methods, *plan.extra_methods]:
-                    grid = sorted(set(plan.lrs) | set(plan.method_lrs.get(method, [])))
-                    for lr in grid:
+                for method in methods or plan.methods(self.methods):
+                    for lr in plan.grid(method):
                         specs.append(RunSpec(task=task, method=method, seed=seed, lr=lr, training=plan.training,
                                              fisher=self.fisher, task_options=dict(plan.options), preset=self.name))
         return specs
@@ -82,12 +115,6 @@ TEXT_FULL = {"train_size": 1200, "val_size": 300, "test_size": 600, "max_length"
 # ~1.1 s/step, greedy evaluation of 300 prompts ~20 s), which is what fits 126 runs on 2 cores.
 LM_FULL = {"train_size": 480, "val_size": 100, "test_size": 200, "max_length": 48}
 VISION_FULL = {"train_size": 1600, "val_size": 400, "test_size": 1000, "image_size": 64}
-
-
-def _third_lr(zero_start: float, residual: float) -> dict[str, list[float]]:
-    """Per-method third grid value: higher for zero-start methods, lower for the others."""
-    return {method: [zero_start if base_method(method) in ZERO_START_METHODS else residual]
-            for method in ALL_METHODS + LINEAR_VIEW_METHODS}
 
 
 def _presets() -> dict[str, Preset]:
@@ -104,38 +131,33 @@ def _presets() -> dict[str, Preset]:
     # Seen here (lm, seed 0, 60 steps): LoRA's validation exact match rose 0.07 / 0.15 / 0.28 / 0.37 at
     # LR 3e-4 / 1e-3 / 3e-3 / 1e-2, and PiSSA, fisher_eig and fisher_grad peaked at 3e-3, the top of
     # their grid: at this short budget every method wants high LRs, so the grid sits high.
-    lm_lrs = _third_lr(3e-2, 1e-3)
     # Seen on seed 0 of that grid: MiLoRA, LoRA-GA, fisher_eig and fisher_grad peaked at its top (1e-2),
     # fisher_select at its bottom (1e-3); each grid is extended by one value on that side.
-    for method in ("milora", "lora_ga", "fisher_eig", "fisher_grad", "fisher_grad@true"):
-        lm_lrs[method] = lm_lrs[method] + [3e-2]
-    lm_lrs["fisher_select"] = lm_lrs["fisher_select"] + [3e-4]
-    lm_full = TaskPlan(lrs=[3e-3, 1e-2], training=lm_training, options=LM_FULL, method_lrs=lm_lrs)
-    vision_lrs = _third_lr(1e-2, 3e-4)
+    lm_extensions = {method: [3e-2] for method in ("milora", "lora_ga", "fisher_eig", "fisher_grad",
+                                                   "fisher_grad@true")}
+    lm_extensions["fisher_select"] = [3e-4]
+    lm_full = TaskPlan(lrs=[3e-3, 1e-2], training=lm_training, options=LM_FULL, third_lr=(3e-2, 1e-3),
+                       method_lrs=lm_extensions)
     # Seen on seeds 0-1: MiLoRA's and fisher_eig's best LR sat at the grid's top (3e-3).
-    for method in ("milora", "fisher_eig"):
-        vision_lrs[method] = vision_lrs[method] + [1e-2]
+    vision_extensions = {"milora": [1e-2], "fisher_eig": [1e-2]}
     # Seen on all seeds: EVA's and CorDA's best LR on the linear view sat at the grid's bottom.
-    vision_lrs["eva+linear"] = vision_lrs["eva+linear"] + [3e-4]
-    vision_lrs["corda+linear"] = vision_lrs["corda+linear"] + [1e-4]
-    vision_full = TaskPlan(lrs=[1e-3, 3e-3], training=vision_training, options=VISION_FULL, method_lrs=vision_lrs,
-                           extra_methods=LINEAR_VIEW_METHODS)
+    vision_extensions["eva+linear"] = [3e-4]
+    vision_extensions["corda+linear"] = [1e-4]
+    vision_full = TaskPlan(lrs=[1e-3, 3e-3], training=vision_training, options=VISION_FULL, third_lr=(1e-2, 3e-4),
+                           method_lrs=vision_extensions, linear_view=True)
     return {
         "quick": Preset(
             name="quick",
             description="text task on a subset, every method, one seed, one learning rate (minutes on 2 cores)",
             tasks={"text": TaskPlan(lrs=[3e-3], training=text_training, options=TEXT_SMALL)},
-            methods=ALL_METHODS,
             seeds=[0],
         ),
-        "text": Preset("text", "text task: LR grid x 3 seeds, every method", {"text": text_full}, ALL_METHODS,
-                       [0, 1, 2]),
-        "lm": Preset("lm", "causal-LM task: LR grid x 3 seeds, every method", {"lm": lm_full}, ALL_METHODS,
-                     [0, 1, 2]),
+        "text": Preset("text", "text task: LR grid x 3 seeds, every method", {"text": text_full}, [0, 1, 2]),
+        "lm": Preset("lm", "causal-LM task: LR grid x 3 seeds, every method", {"lm": lm_full}, [0, 1, 2]),
         "vision": Preset("vision", "vision task: LR grid x 3 seeds, every method", {"vision": vision_full},
-                         ALL_METHODS, [0, 1, 2]),
+                         [0, 1, 2]),
         "full": Preset("full", "all three tasks: LR grid x 3 seeds, every method",
-                       {"text": text_full, "lm": lm_full, "vision": vision_full}, ALL_METHODS, [0, 1, 2]),
+                       {"text": text_full, "lm": lm_full, "vision": vision_full}, [0, 1, 2]),
     }
 
 

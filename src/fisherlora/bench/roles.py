@@ -1,15 +1,21 @@
 """Which benchmark methods are baselines and which are ours, and the order tables list them in.
 
-The one place that decides "baseline or ours": the report compares every method that is not a
-baseline against the best baseline of its task.
+The one place the report asks "baseline or ours", answered by the method catalogue: every method
+outside the Fisher family (PEFT's, papers', weight-only) is a baseline, and the report compares
+every other method against the best baseline of its task.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
-BASELINES: tuple[str, ...] = ("lora", "gaussian", "pissa", "olora", "eva", "corda", "lora_ga", "milora")
-"""Baseline methods, in the order tables list them. Every other method name is a Fisher variant (ours)."""
+
+def baselines() -> list[str]:
+    """The baseline methods in the order tables list them (catalogue order)."""
+    from ..init.catalog import ordered_entries
+    from ..methods import CATALOG  # noqa: F401  (every method registered)
+
+    return [entry.name for entry in ordered_entries() if entry.is_baseline]
 
 
 def base_method(method: str) -> str:
@@ -19,15 +25,16 @@ def base_method(method: str) -> str:
 
 
 def is_baseline(method: str) -> bool:
-    """True for the baseline initializations (:data:`BASELINES`, with any view suffix such as
-    ``pissa+linear``); False for every Fisher variant of ours."""
-    return base_method(method) in BASELINES
+    """True for a baseline (its catalogue entry says so; with any suffix such as ``pissa+linear``);
+    False for every Fisher variant of ours."""
+    return base_method(method) in baselines()
 
 
 def method_order(methods: Iterable[str]) -> list[str]:
-    """Stable display order: baselines in :data:`BASELINES` order (a suffixed variant right after
-    its plain name), then ours sorted by name."""
+    """Stable display order: baselines in catalogue order (a suffixed variant right after its plain
+    name), then ours sorted by name."""
     unique = set(methods)
-    baselines = sorted((m for m in unique if is_baseline(m)), key=lambda m: (BASELINES.index(base_method(m)), m))
+    order = baselines()
+    chosen = sorted((m for m in unique if is_baseline(m)), key=lambda m: (order.index(base_method(m)), m))
     ours = sorted(m for m in unique if not is_baseline(m))
-    return baselines + ours
+    return chosen + ours

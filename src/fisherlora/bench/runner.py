@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from ..config import FisherConfig
-from .baselines import AdapterSpec, build_model, fisher_statistics_mb
+from ..config import FisherConfig, identity_fields
+from .baselines import AdapterSpec, build_model, fisher_statistics_mb, method_identity
 from .cost import measure
 from .provenance import git_state, machine, versions
 from .results import ResultsFile
@@ -76,11 +76,24 @@ class RunSpec:
     stage: Stage = "tune"
 
     def config_dict(self) -> dict[str, Any]:
+        """Every setting, as recorded with the run (provenance; the run id hashes `identity`)."""
         return {"training": asdict(self.training), "fisher": self.fisher.to_dict(), "task_options": self.task_options}
+
+    def identity(self) -> dict[str, Any]:
+        """What makes two runs the same: the training settings and task options, and only the
+        `FisherConfig` fields the method's catalogue entry declares it reads (`MethodEntry.reads`).
+        Fields that cannot change a result, or hold their declared neutral value, are left out
+        (`config.identity_fields`), so adding a config field never changes an existing run id.
+
+        Raises:
+            ValueError: an unknown method name (before any run starts).
+        """
+        return {"training": identity_fields(self.training), "task_options": self.task_options,
+                "method_settings": method_identity(self.method, self.fisher)}
 
     def run_id(self) -> str:
         """Identifies the run: same id means same task, method, seed, LR and settings."""
-        digest = hashlib.sha1(json.dumps(self.config_dict(), sort_keys=True, default=str).encode()).hexdigest()[:10]
+        digest = hashlib.sha1(json.dumps(self.identity(), sort_keys=True, default=str).encode()).hexdigest()[:10]
         return f"{self.task}|{self.method}|seed={self.seed}|lr={self.lr:g}|{digest}"
 
 

@@ -1,4 +1,4 @@
-"""The Fisher-guided initializers (DESIGN.md section 2).
+"""The Fisher-guided initializers (the formulas are in docs/method.md).
 
 Each takes `W (d_out, d_in)` in float64 and a `LayerGeometry` (statistics with damped roots) and
 returns `A (r, d_in)`, `B (d_out, r)`; `run_initializer` forms the residual `W - s B A`.
@@ -6,12 +6,58 @@ returns `A (r, d_in)`, `B (d_out, r)`; `run_initializer` forms the residual `W -
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal
+
 import torch
 
-from ..config import FisherConfig
+from ..config import check_literals
 from ..stats.linalg import balanced_directions, balanced_factors, top_eigenvectors
+from .catalog import KRONECKER_AND_GRADIENT
 from .registry import LayerGeometry, register_initializer
 from .weight_only import singular_triplet_factors
+
+
+@dataclass
+class FisherEigOptions:
+    """Options of `fisher_eig`.
+
+    Attributes:
+        scale: "projection" (the adapter holds `W` projected onto the sensitive output/input
+            eigenspaces, `P_G W P_A`) or "unit" (the factors are the eigenvectors times `gamma`).
+        gamma: factor multiplier of the "unit" rule.
+    """
+
+    flag_prefix: ClassVar[str] = "eig"
+    scale: Literal["projection", "unit"] = field(default="projection", metadata={"help": "fisher_eig scale rule"})
+    gamma: float = field(default=1.0, metadata={"help": "fisher_eig factor multiplier of the unit rule"})
+
+    def __post_init__(self) -> None:
+        check_literals(self)
+
+
+@dataclass
+class FisherGradOptions:
+    """Options of `fisher_grad`.
+
+    Attributes:
+        scale: "stable" (LoRA-GA's rule, arXiv 2407.05000 section 3.3: each factor has orthonormal
+            directions times `d_out**0.25 / sqrt(gamma)`), "unit" (orthonormal directions) or
+            "spectrum" (the product equals `step` times the rank-r natural-gradient approximation).
+        gamma: the `gamma` of the "stable" rule (LoRA-GA's default is 16).
+        step: learning-rate-like multiplier of the "spectrum" rule.
+    """
+
+    flag_prefix: ClassVar[str] = "grad"
+    scale: Literal["stable", "unit", "spectrum"] = field(default="stable",
+                                                         metadata={"help": "fisher_grad scale rule"})
+    gamma: float = field(default=16.0, metadata={"help": "fisher_grad gamma of the stable rule"})
+    step: float = field(default=1.0, metadata={"help": "fisher_grad multiplier of the spectrum rule"})
+
+    def __post_init__(self) -> None:
+        check_literals(self)
+        if self.gamma <= 0:
+            raise ValueError(f"FisherGradOptions.gamma must be > 0, got {self.gamma}")
 
 
 def _require(geometry: LayerGeometry | None) -> LayerGeometry:
@@ -23,9 +69,10 @@ def _require(geometry: LayerGeometry | None) -> LayerGeometry:
 @register_initializer(
     "fisher_svd",
     "Fisher-weighted PiSSA: best rank-r approximation of W in the Fisher norm (SVD of G^1/2 W A^1/2), balanced",
+    benchmark_variants=("@true",),
 )
 def fisher_svd(weight: torch.Tensor, geometry: LayerGeometry | None, rank: int, scaling: float,
-               config: FisherConfig) -> tuple[torch.Tensor, torch.Tensor]:
+               options: object) -> tuple[torch.Tensor, torch.Tensor]:
     geometry = _require(geometry)
     grad_roots, act_roots = geometry.grad_roots, geometry.act_roots
     whitened = grad_roots.root @ weight @ act_roots.root
@@ -44,7 +91,7 @@ def fisher_svd(weight: torch.Tensor, geometry: LayerGeometry | None, rank: int, 
     "W's own singular triplets ranked by Fisher sensitivity sigma^2 (u^T G u)(v^T A v) instead of sigma",
 )
 def fisher_select(weight: torch.Tensor, geometry: LayerGeometry | None, rank: int, scaling: float,
-                  config: FisherConfig) -> tuple[torch.Tensor, torch.Tensor]:
+                  options: object) -> tuple[torch.Tensor, torch.Tensor]:
     geometry = _require(geometry)
     left, singular_values, right_transposed = torch.linalg.svd(weight, full_matrices=False)
     output_sensitivity = ((geometry.damped_grad_cov @ left) * left).sum(dim=0)
@@ -56,17 +103,19 @@ def fisher_select(weight: torch.Tensor, geometry: LayerGeometry | None, rank: in
 
 @register_initializer(
     "fisher_eig",
-    "adapter spans the top-r eigenvectors of G (output side) and of A (input side); scale per eig_scale",
+    "adapter spans the top-r eigenvectors of G (output side) and of A (input side); scale per --eig-scale",
+    options=FisherEigOptions,
 )
 def fisher_eig(weight: torch.Tensor, geometry: LayerGeometry | None, rank: int, scaling: float,
-               config: FisherConfig) -> tuple[torch.Tensor, torch.Tensor]:
+               options: object) -> tuple[torch.Tensor, torch.Tensor]:
     geometry = _require(geometry)
+    assert isinstance(options, FisherEigOptions)
     _, output_directions = top_eigenvectors(geometry.stats.grad_cov, rank)  # (d_out, r)
     _, input_directions = top_eigenvectors(geometry.stats.act_cov, rank)  # (d_in, r)
     output_directions = output_directions.to(weight.dtype)
     input_directions = input_directions.to(weight.dtype)
-    if config.eig_scale == "unit":
-        gamma = config.eig_gamma
+    if options.scale == "unit":
+        gamma = options.gamma
         return gamma * input_directions.T, gamma * output_directions
     # "projection": the adapter holds W restricted to the sensitive subspaces, P_G W P_A.
     core = output_directions.T @ weight @ input_directions
@@ -79,23 +128,25 @@ def fisher_eig(weight: torch.Tensor, geometry: LayerGeometry | None, rank: int, 
 
 @register_initializer(
     "fisher_grad",
-    "natural-gradient spectral init: best rank-r Fisher-norm approximation of G^-1 M A^-1; scale per grad_scale",
-    needs_grad_mean=True,
+    "natural-gradient spectral init: best rank-r Fisher-norm approximation of G^-1 M A^-1; scale per --grad-scale",
+    statistics=KRONECKER_AND_GRADIENT,
+    options=FisherGradOptions,
+    benchmark_variants=("@true",),
 )
 def fisher_grad(weight: torch.Tensor, geometry: LayerGeometry | None, rank: int, scaling: float,
-                config: FisherConfig) -> tuple[torch.Tensor, torch.Tensor]:
+                options: object) -> tuple[torch.Tensor, torch.Tensor]:
     geometry = _require(geometry)
-    assert geometry.stats.grad_mean is not None
+    assert isinstance(options, FisherGradOptions) and geometry.stats.grad_mean is not None
     grad_roots, act_roots = geometry.grad_roots, geometry.act_roots
     whitened = grad_roots.inverse_root @ geometry.stats.grad_mean.double() @ act_roots.inverse_root
     left, singular_values, right_transposed = torch.linalg.svd(whitened, full_matrices=False)
     left_factor = grad_roots.inverse_root @ left[:, :rank]
     right_factor = act_roots.inverse_root @ right_transposed[:rank].T
-    if config.grad_scale == "spectrum":
-        return balanced_factors(left_factor, config.grad_step * singular_values[:rank], right_factor, scaling)
+    if options.scale == "spectrum":
+        return balanced_factors(left_factor, options.step * singular_values[:rank], right_factor, scaling)
     directions_b, _, directions_a = balanced_directions(left_factor, singular_values[:rank], right_factor)
-    if config.grad_scale == "unit":
+    if options.scale == "unit":
         return directions_a, directions_b
     # "stable" (LoRA-GA): both factors scaled by d_out^(1/4) / sqrt(gamma).
-    factor = weight.shape[0] ** 0.25 / config.grad_gamma**0.5
+    factor = weight.shape[0] ** 0.25 / options.gamma**0.5
     return factor * directions_a, factor * directions_b

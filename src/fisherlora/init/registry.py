@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Any
 
 import torch
 
@@ -12,6 +13,7 @@ from ..config import FisherConfig
 from ..stats.container import DenseLayerStats, LayerStats
 from ..stats.linalg import FactorRoots, damp, fisher_norm_squared, symmetric_roots
 from ..stats.sketch import LowRankFactor
+from .catalog import CATALOG, KRONECKER, Family, MethodEntry, Statistic, add_entry, ordered_entries
 
 
 class LayerGeometry:
@@ -80,49 +82,77 @@ class InitResult:
     damping_added: tuple[float, float] | None = None
 
 
-InitFunction = Callable[[torch.Tensor, LayerGeometry | None, int, float, FisherConfig],
-                        tuple[torch.Tensor, torch.Tensor]]
+InitFunction = Callable[[torch.Tensor, LayerGeometry | None, int, float, Any], tuple[torch.Tensor, torch.Tensor]]
+"""`(W (d_out, d_in) float64, geometry or None, r, s, options) -> (A (r, d_in), B (d_out, r))`."""
+
+Initializer = MethodEntry  # an entry of the catalogue with a pure `function`
 
 
-@dataclass(frozen=True)
-class Initializer:
-    """A registered initializer.
+class _Initializers(Mapping[str, MethodEntry]):
+    """The catalogue's entries implemented here as pure functions (a live view: a method
+    registered later appears at once)."""
 
-    Attributes:
-        name: the name users pass as `FisherConfig.method`.
-        function: `(W (d_out, d_in) float64, geometry or None, r, s, config) -> (A (r, d_in), B (d_out, r))`.
-        description: one line for `fisherlora methods`.
-        needs_statistics: whether it uses `A`/`G`.
-        needs_grad_mean: whether it uses `M`.
-    """
+    def __getitem__(self, name: str) -> MethodEntry:
+        entry = CATALOG[name]
+        if entry.function is None:
+            raise KeyError(name)
+        return entry
 
-    name: str
-    function: InitFunction
-    description: str
-    needs_statistics: bool = True
-    needs_grad_mean: bool = False
+    def __iter__(self) -> Iterator[str]:
+        return (entry.name for entry in ordered_entries() if entry.function is not None)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
 
 
-INITIALIZERS: dict[str, Initializer] = {}
+INITIALIZERS: Mapping[str, MethodEntry] = _Initializers()
 
 
 def register_initializer(
-    name: str, description: str, needs_statistics: bool = True, needs_grad_mean: bool = False
+    name: str,
+    description: str,
+    *,
+    family: Family = "fisher",
+    statistics: tuple[Statistic, ...] = KRONECKER,
+    zero_start: bool = False,
+    preserves_function: bool = True,
+    options: type | None = None,
+    benchmark_variants: tuple[str, ...] = (),
 ) -> Callable[[InitFunction], InitFunction]:
-    """Decorator adding an initializer to the registry (and so to the CLI, tests and benchmark)."""
+    """Decorator adding a pure-function initializer to the method catalogue, and so to
+    `fisherlora.METHODS`, the command line, the benchmark presets, the report and the test sweeps.
+
+    Args:
+        name: the method name.
+        description: one line for `fisherlora methods` and the README.
+        family: "fisher" (this project's), "paper" (a published method re-implemented here) or
+            "weight" (weight-only, needs no data).
+        statistics: which of `A`, `G`, `M` it reads (`()`: none; then it sees no data).
+        zero_start: it returns `B = 0` (the base weight stays as it is).
+        preserves_function: `W - s B A` is written as the residual so the outputs are unchanged; False
+            for methods whose adapter is a real first step (no residual).
+        options: its options dataclass (`FisherConfig.options`); the function receives an instance.
+        benchmark_variants: suffixes the benchmark also runs (e.g. `("@true",)`).
+    """
 
     def decorate(function: InitFunction) -> InitFunction:
-        if name in INITIALIZERS:
-            raise ValueError(f"initializer {name!r} is registered twice")
-        INITIALIZERS[name] = Initializer(name, function, description, needs_statistics, needs_grad_mean)
+        add_entry(MethodEntry(name=name, family=family, description=description, zero_start=zero_start,
+                              preserves_function=preserves_function, statistics=statistics,
+                              uses_data=bool(statistics), options=options, function=function,
+                              benchmark_variants=benchmark_variants))
         return function
 
     return decorate
 
 
-def get_initializer(name: str) -> Initializer:
+def get_initializer(name: str) -> MethodEntry:
+    """The catalogue entry of one of this project's initializers.
+
+    Raises:
+        ValueError: unknown name, or a method that runs through PEFT (both with the valid names).
+    """
     if name not in INITIALIZERS:
-        raise ValueError(f"unknown initializer {name!r}; choose one of {sorted(INITIALIZERS)}")
+        raise ValueError(f"unknown initializer {name!r}; choose one of {list(INITIALIZERS)}")
     return INITIALIZERS[name]
 
 
@@ -145,16 +175,22 @@ def run_initializer(
             device (moved to the weight's device one layer at a time).
         rank: LoRA rank `r`, `1 <= r <= min(d_out, d_in)`.
         scaling: LoRA scaling `s` (`alpha / r`, or `alpha / sqrt(r)` with rsLoRA).
-        config: the `FisherConfig` (damping, scale rules).
+        config: the `FisherConfig` (damping, and the method's `options`).
         module_name: named in error messages.
         factor_dtype: dtype the adapter stores `A` and `B` in (e.g. bfloat16): the factors are rounded
             to it before the residual is formed.
 
     Returns:
         `InitResult` with `residual + s * B @ A == W` up to float32 rounding of the residual (the
-        factors are exact values of `factor_dtype`, held in float32).
+        factors are exact values of `factor_dtype`, held in float32) for a function-preserving method;
+        `residual == W` for one that is not (its adapter is a real step away from `W`).
+
+    Raises:
+        ValueError: unknown method, bad shapes or rank, missing statistics; TypeError: a non-float
+        weight or another method's options; FloatingPointError: non-finite factors.
     """
     initializer = get_initializer(method)
+    options = initializer.resolve_options(config.options)
     if weight.dim() != 2:
         raise ValueError(f"module {module_name!r}: expected a (d_out, d_in) weight, got shape {tuple(weight.shape)}")
     if not weight.is_floating_point():
@@ -182,7 +218,8 @@ def run_initializer(
             )
         geometry = LayerGeometry(stats, config.damping, device=weight.device)
     matrix = weight.detach().double()
-    lora_a, lora_b = initializer.function(matrix, geometry, rank, scaling, config)
+    assert initializer.function is not None
+    lora_a, lora_b = initializer.function(matrix, geometry, rank, scaling, options)
     if lora_a.shape != (rank, d_in) or lora_b.shape != (d_out, rank):
         raise RuntimeError(
             f"initializer {method!r} returned A {tuple(lora_a.shape)} and B {tuple(lora_b.shape)}, "
@@ -194,7 +231,7 @@ def run_initializer(
     # residual + s * B @ A reproduces W to the rounding of the residual alone.
     lora_a, lora_b = lora_a.to(factor_dtype).float(), lora_b.to(factor_dtype).float()
     product = scaling * lora_b.double() @ lora_a.double()
-    residual = matrix - product
+    residual = matrix - product if initializer.preserves_function else matrix
     captured = None
     damping_added = None
     if geometry is not None:

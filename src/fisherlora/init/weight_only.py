@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from ..config import FisherConfig
 from .registry import LayerGeometry, register_initializer
 
 
@@ -29,10 +28,11 @@ def singular_triplet_factors(
 @register_initializer(
     "milora",
     "MiLoRA: the r smallest singular triplets of W (minor components), PiSSA-style factors; no data",
-    needs_statistics=False,
+    family="weight",
+    statistics=(),
 )
 def milora(weight: torch.Tensor, geometry: LayerGeometry | None, rank: int, scaling: float,
-           config: FisherConfig) -> tuple[torch.Tensor, torch.Tensor]:
+           options: object) -> tuple[torch.Tensor, torch.Tensor]:
     count = min(weight.shape)
     indices = torch.arange(count - rank, count)
     return singular_triplet_factors(weight, indices, scaling)

@@ -1,0 +1,78 @@
+"""Run identity: a run id hashes only what can change the run's result, so adding a config field
+(or changing a field a method does not read) never changes an existing run id."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+
+import pytest
+
+import fisherlora as fl
+from fisherlora.bench.baselines import method_identity
+from fisherlora.bench.runner import RunSpec, TrainingConfig
+from fisherlora.config import CollectionConfig, FisherConfig, identity_fields
+from fisherlora.init.catalog import ordered_entries
+
+# The fields that existed when run identity was introduced. A field added later must declare the
+# value under which it changes nothing (metadata "neutral") or that it never changes a result
+# (metadata identity=False); otherwise every committed run id would change with it.
+ORIGINAL_FIELDS = {
+    TrainingConfig: {"rank", "alpha", "batch_size", "epochs", "max_steps", "calibration_batches",
+                     "calibration_batch_size", "warmup_fraction", "weight_decay", "max_grad_norm", "curve_points"},
+    FisherConfig: {"fisher", "num_batches", "n_samples", "collect_grad_mean", "loss_reduction", "seed", "progress",
+                   "sketch_threshold", "sketch_rank", "sketch_seed", "layer_groups", "stats_device", "method",
+                   "damping", "options"},
+    fl.FisherGradOptions: {"scale", "gamma", "step"},
+    fl.FisherEigOptions: {"scale", "gamma"},
+}
+
+
+def spec(method: str = "fisher_grad", **changes: object) -> RunSpec:
+    settings: dict[str, object] = {"progress": False, **changes}
+    return RunSpec(task="text", method=method, seed=0, lr=1e-3, fisher=FisherConfig(**settings))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("config_class", [TrainingConfig, FisherConfig,
+                                          *{entry.options for entry in ordered_entries() if entry.options}],
+                         ids=lambda cls: cls.__name__)
+def test_every_new_config_field_is_identity_neutral(config_class: type):
+    original = ORIGINAL_FIELDS.get(config_class, set())
+    for item in fields(config_class):
+        if item.name in original:
+            continue
+        declared = "neutral" in item.metadata or item.metadata.get("identity", True) is False
+        assert declared, (f"{config_class.__name__}.{item.name} is new: declare metadata neutral=<value that changes "
+                          "nothing> (or identity=False) so existing run ids stay valid")
+
+
+def test_adding_a_field_with_its_neutral_value_keeps_the_run_id():
+    @dataclass
+    class LongerTraining(TrainingConfig):
+        label_smoothing: float = field(default=0.0, metadata={"neutral": 0.0})
+
+    before = RunSpec(task="text", method="lora", seed=0, lr=1e-3, training=TrainingConfig())
+    after = replace(before, training=LongerTraining())
+    assert after.run_id() == before.run_id()
+    assert replace(before, training=LongerTraining(label_smoothing=0.1)).run_id() != before.run_id()
+
+
+def test_a_method_is_identified_only_by_the_fields_it_reads():
+    # PEFT's LoRA reads no FisherConfig field: damping, Fisher type or sketch change nothing.
+    lora = RunSpec(task="text", method="lora", seed=0, lr=1e-3)
+    assert method_identity("lora", FisherConfig(damping=0.5, sketch_threshold=8)) == {}
+    assert replace(lora, fisher=FisherConfig(damping=0.5)).run_id() == lora.run_id()
+    # A Fisher method reads the damping and its own options, not another method's.
+    assert spec(damping=1e-2).run_id() != spec().run_id()
+    assert spec(options=fl.FisherGradOptions(gamma=4.0)).run_id() != spec().run_id()
+    assert spec(options=fl.FisherGradOptions()).run_id() == spec().run_id()  # None means the defaults
+    assert spec(progress=True, layer_groups=3, stats_device="cpu").run_id() == spec().run_id()
+
+
+def test_identity_fields_drop_neutral_and_non_identity_fields():
+    values = identity_fields(CollectionConfig(progress=True, layer_groups=4))
+    assert "progress" not in values and "layer_groups" not in values and values["fisher"] == "empirical"
+
+
+def test_options_of_another_method_are_refused():
+    with pytest.raises(TypeError, match="fisher_eig.*FisherEigOptions"):
+        method_identity("fisher_eig", FisherConfig(options=fl.FisherGradOptions()))
