@@ -108,7 +108,7 @@ def test_bench_init_accepts_the_names_bench_accepts(tmp_path: Path, no_work: dic
 def test_bench_log_that_is_not_a_terminal_has_one_line_per_run(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                               monkeypatch: pytest.MonkeyPatch):
     tiny = presets.Preset("tiny", "two quick runs", {"tiny": presets.TaskPlan(lrs=[1e-3], training=TRAINING)},
-                          methods=["lora"], seeds=[0])
+                          seeds=[0], method_list=["lora"])
     monkeypatch.setitem(presets.PRESETS, "tiny", tiny)
     task = tiny_task()
     monkeypatch.setattr(tasks, "build_task", lambda name, **options: task)
