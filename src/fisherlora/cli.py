@@ -26,9 +26,8 @@ def _initializer_entries() -> list[Any]:
 def _fisher_config(args: argparse.Namespace) -> FisherConfig:
     from .cli_config import fisher_config_from_arguments
 
-    config = fisher_config_from_arguments(args, _initializer_entries())
-    # The statistics' progress bar only on a terminal: in a log file each redraw would be a line.
-    return dataclasses.replace(config, progress=config.progress and sys.stderr.isatty())
+    # Progress as asked: the statistics pass itself draws a bar on a terminal, one line in a log file.
+    return fisher_config_from_arguments(args, _initializer_entries())
 
 
 def _command_methods(args: argparse.Namespace) -> int:

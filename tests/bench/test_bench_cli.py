@@ -123,3 +123,15 @@ def test_bench_log_that_is_not_a_terminal_has_one_line_per_run(tmp_path: Path, c
     assert len(runs) == 2, log
     assert [record["method"] for record in ResultsFile(tmp_path).records()] == ["lora", "fisher_svd"]
     assert len(log.splitlines()) <= 12, log  # header, the two runs, the summary table
+
+
+def test_bench_init_log_that_is_not_a_terminal_has_one_line_per_timed_init(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch):
+    task = tiny_task()
+    monkeypatch.setattr(tasks, "build_task", lambda name, **options: task)
+    assert main(["bench-init", "--methods", "lora,fisher_svd", "--repeats", "2", "--batches", "2", "--batch-size",
+                 "4", "--no-epoch", "--out", str(tmp_path)]) == 0
+    captured = capsys.readouterr()
+    assert "\r" not in captured.out + captured.err, "progress-bar redraws in a log file"
+    assert re.findall(r"^init cost (\d)/4: (\S+) [\d.]+ s$", captured.err, flags=re.M) == [
+        ("1", "lora"), ("2", "fisher_svd"), ("3", "lora"), ("4", "fisher_svd")]

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..config import FisherConfig
 from ..files import atomic_write_text
+from ..terminal import log_line, progress_bars_wanted
 from .baselines import AdapterSpec, build_model, fisher_statistics_mb
 from .cost import measure
 from .provenance import git_state, machine, versions
@@ -109,7 +110,6 @@ def run_init_cost(config: InitCostConfig, out: str | os.PathLike[str] | None = N
     from tqdm.auto import tqdm
 
     from .presets import get_preset
-    from .runner import progress_bars_wanted
     from .tasks import build_task
 
     options = dict(config.task_options) or dict(get_preset(config.task).tasks[config.task].options)
@@ -125,8 +125,8 @@ def run_init_cost(config: InitCostConfig, out: str | os.PathLike[str] | None = N
                 samples[method].append(_time_method(task, method, calibration, config))
                 bar.update(1)
                 if not bars:  # a log file: one line per timed initialization
-                    print(f"init cost {repeat * len(config.methods) + index + 1}/{total}: {method} "
-                          f"{samples[method][-1]['seconds']:.2f} s", flush=True)
+                    log_line(f"init cost {repeat * len(config.methods) + index + 1}/{total}: {method} "
+                             f"{samples[method][-1]['seconds']:.2f} s")
     epoch_seconds = _time_epoch(task, config.task) if config.reference_epoch else None
     medians = {
         method: {key: statistics.median(sample[key] for sample in runs) for key in runs[0]}

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..config import FisherConfig, identity_fields
+from ..terminal import progress_bars_wanted
 from .baselines import AdapterSpec, build_model, fisher_statistics_mb, method_identity
 from .cost import measure
 from .provenance import git_state, machine, versions
@@ -95,12 +96,6 @@ class RunSpec:
         """Identifies the run: same id means same task, method, seed, LR and settings."""
         digest = hashlib.sha1(json.dumps(self.identity(), sort_keys=True, default=str).encode()).hexdigest()[:10]
         return f"{self.task}|{self.method}|seed={self.seed}|lr={self.lr:g}|{digest}"
-
-
-def progress_bars_wanted(show_progress: bool) -> bool:
-    """Bars only on a terminal: in a log file (`> log 2>&1`) every redraw would be one more line,
-    so there the runner prints one plain line per finished run instead."""
-    return show_progress and sys.stderr.isatty()
 
 
 def seed_everything(seed: int) -> None:

@@ -17,6 +17,7 @@ What the loss is, and which positions it keeps, is the step's business (`strateg
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from torch import nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from ..config import FisherConfig
+from ..terminal import log_line, progress_bars_wanted
 from .accumulators import LayerAccumulator
 from .errors import StatisticsError
 from .layers import TokenRows, input_rows, module_weight, output_gradient_rows
@@ -180,9 +182,11 @@ def collect_pass(model: nn.Module, accumulators: list[LayerAccumulator], dataloa
         total = len(dataloader)  # type: ignore[arg-type]
     from tqdm.auto import tqdm
 
+    bars = progress_bars_wanted(config.progress)
+    start = time.perf_counter()
     with collection_mode(model, accumulators, recorder), torch.enable_grad():
         device = accumulators[0].device
-        progress = tqdm(total=total, desc=description, unit="batch", disable=not config.progress)
+        progress = tqdm(total=total, desc=description, unit="batch", disable=not bars)
         try:
             # islice, not a break after the last batch: the loader reads no batch beyond it.
             for batch_index, batch in enumerate(itertools.islice(dataloader, config.num_batches)):
@@ -192,4 +196,7 @@ def collect_pass(model: nn.Module, accumulators: list[LayerAccumulator], dataloa
                 progress.update(1)
         finally:
             progress.close()
+    if config.progress and not bars:
+        log_line(f"{description}: {batches} batches, {len(accumulators)} layers, "
+                 f"{time.perf_counter() - start:.1f} s")
     return batches
