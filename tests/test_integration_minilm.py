@@ -1,4 +1,4 @@
-"""The whole path on the real packaged MiniLM and real Rotten Tomatoes snippets (DATA.md)."""
+"""The whole path on the real packaged MiniLM and real Rotten Tomatoes snippets (docs/data.md)."""
 
 from __future__ import annotations
 

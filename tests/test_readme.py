@@ -34,3 +34,15 @@ def test_readme_methods_table_is_generated_from_the_catalogue():
 
     section = README.read_text().split("<!-- results:methods:start -->\n")[1].split("<!-- results:methods:end -->")[0]
     assert section == methods_table() + "\n", "regenerate it: fisherlora methods --readme README.md"
+
+
+def test_docs_stand_alone():
+    """The repository's docs and code cite only files in the repository: no notes outside it."""
+    root = README.parent
+    files = [README, *root.glob("docs/*.md"), *root.glob("src/**/*.py"), *root.glob("tests/**/*.py"), root / "Makefile"]
+    outside = re.compile(r"DESIGN\.md|\bDATA\.md|\.\./shared")
+    offenders = [str(path.relative_to(root)) for path in files
+                 if path != Path(__file__).resolve() and outside.search(path.read_text())]
+    assert not offenders, f"these cite notes outside the repository: {offenders}"
+    for link in re.findall(r"\]\(((?:docs/)?[\w./-]+\.md)\)", README.read_text()):
+        assert (root / link).is_file(), f"README links to a missing {link}"

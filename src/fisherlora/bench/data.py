@@ -1,7 +1,7 @@
 """Pure data reading for the benchmark tasks: no models, no tokenizers, nothing downloaded.
 
 Every loader reads files that ship inside an installed package or a Debian package (see
-``DATA.md``), so it works offline. Heavy imports (torch) happen inside the functions that
+``docs/data.md``), so it works offline. Heavy imports (torch) happen inside the functions that
 need them.
 
 - :func:`read_labeled_csv` -- a user's own ``(text, label)`` CSV (optionally ``.bz2``); the

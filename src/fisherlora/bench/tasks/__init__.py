@@ -23,6 +23,9 @@ Shared pieces: :mod:`.common` (batch type, subsets, head init, accuracy) and :mo
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
+
 from .assets import cache_dir, cached_folder, package_dir
 from .base import (
     TASK_TYPES,
@@ -81,6 +84,10 @@ from .vision import (
     load_efficientnet_lite0,
     plain_pointwise_convs_,
 )
+
+# A task family added as a new module of this package registers itself without editing this file.
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = [
     "DEFAULT_SPLIT_FRACTIONS", "SMOLLM2_CACHE_NAME", "SMOLLM2_GGUF", "TASKS", "TASK_TYPES", "Batch",
