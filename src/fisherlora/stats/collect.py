@@ -103,7 +103,7 @@ def collect_statistics(
         raise ValueError("no layer to collect statistics for: the model has no targeted layer")
     for target in targets:
         check_materialized(target.name, target.weight_module, target.layer_type)
-    step = choose_step(config, loss_fn, sample_fn)
+    step = choose_step(model, config, loss_fn, sample_fn)
     groups = layer_groups(targets, config, with_grad_mean)
     if len(groups) > 1:
         if isinstance(dataloader, Iterator):

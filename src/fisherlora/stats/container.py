@@ -48,7 +48,7 @@ class LayerStats:
         grad_cov: `G = (1/T) sum_t g_t g_t^T`, `(d_out, d_out)` float32, or a `LowRankFactor`.
         grad_mean: `M = (1/E) sum_t g_t x_t^T`, `(d_out, d_in)` float32, or None if not collected.
         num_tokens: `T`, unmasked tokens (positions x batch for Conv2d).
-        num_examples: `E`, examples seen.
+        num_examples: `E`, examples with at least one loss term.
         layer_type: "linear", "conv1d" (HF transposed) or "conv2d" (unfolded patches).
         weight_shape: `(d_out, d_in)` of the layer as a matrix.
         fingerprint: `weight_fingerprint` of the weight the statistics were collected on.

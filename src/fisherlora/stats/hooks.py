@@ -32,6 +32,7 @@ from ..terminal import log_line, progress_bars_wanted
 from .accumulators import LayerAccumulator
 from .errors import StatisticsError
 from .layers import TokenRows, input_rows, module_weight, output_gradient_rows
+from .objective import LossTerms
 
 
 @dataclass
@@ -43,14 +44,6 @@ class Record:
     output_edge: GradientEdge | None  # None: the output is not in the autograd graph
     kept_inputs: torch.Tensor | None = None
     row_mask: torch.Tensor | None = None
-
-
-def _row_mask(leading_shape: tuple[int, ...], mask: torch.Tensor | None) -> torch.Tensor | None:
-    # Per-token masks apply to rows shaped like the batch's tokens; pooled (B, d) rows and
-    # convolution positions have no padding to drop.
-    if mask is not None and leading_shape == tuple(mask.shape):
-        return mask.reshape(-1)
-    return None
 
 
 @dataclass
@@ -70,11 +63,12 @@ class Recorder:
         finally:
             self.active = False
 
-    def add_forward(self, mask: torch.Tensor | None, examples: int, batch_index: int) -> None:
-        """Add every record's kept input rows to `A`; `mask` is the `(B, S)` bool token mask, if any."""
+    def add_forward(self, terms: LossTerms | None, examples: int, batch_index: int) -> None:
+        """Add every record's input rows to `A`: those of the examples and positions with a loss term
+        (`terms`; None keeps every row)."""
         for record in self.records:
             rows = record.rows.inputs
-            row_mask = _row_mask(record.rows.leading_shape, mask)
+            row_mask = terms.rows(record.rows.leading_shape) if terms is not None else None
             if row_mask is not None:
                 row_mask = row_mask.to(rows.device)
                 rows = rows[row_mask]

@@ -7,6 +7,7 @@ Pure functions on tensors; the collection steps in `strategy.py` call them.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -69,15 +70,100 @@ def causal_targets(labels: torch.Tensor | None, input_ids: torch.Tensor | None,
     return targets
 
 
-def token_mask(attention_mask: torch.Tensor | None, causal_target: torch.Tensor | None,
-               shape: tuple[int, ...]) -> torch.Tensor:
-    """`(B, S)` bool mask of the tokens kept in both factors: attended, and (causal LM) with a target."""
-    mask = torch.ones(shape, dtype=torch.bool)
+@dataclass
+class LossTerms:
+    """Which examples and positions of a batch carry a term of the loss.
+
+    Attributes:
+        examples: `(B,)` bool, examples with at least one term.
+        tokens: `(B, S)` bool positions with a term, or None when the layout has no positions.
+        targets: the cross-entropy targets, `(B,)` or `(B, S)` long, `IGNORE_INDEX` wherever there is
+            no term, or None when the loss is not the default cross-entropy.
+    """
+
+    examples: torch.Tensor
+    tokens: torch.Tensor | None = None
+    targets: torch.Tensor | None = None
+
+    @property
+    def count(self) -> int:
+        """`E`: the examples with a term."""
+        return int(self.examples.sum())
+
+    def rows(self, leading_shape: tuple[int, ...]) -> torch.Tensor | None:
+        """The bool mask of the kept rows among `prod(leading_shape)` rows, or None to keep all.
+
+        Rows shaped like the batch's positions take the token mask; other rows with a batch
+        dimension first (pooled `(B, d)` inputs, convolution positions `(B, L)`) take the examples'.
+        """
+        if self.tokens is not None and leading_shape == tuple(self.tokens.shape):
+            return self.tokens.reshape(-1)
+        batch_size = self.examples.shape[0]
+        if leading_shape and leading_shape[0] == batch_size and not bool(self.examples.all()):
+            view = self.examples.reshape(batch_size, *[1] * (len(leading_shape) - 1))
+            return view.expand(leading_shape).reshape(-1)
+        return None
+
+
+def _attended(attention_mask: torch.Tensor | None, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
     if attention_mask is not None and tuple(attention_mask.shape) == shape:
-        mask &= attention_mask.detach().cpu().bool()
-    if causal_target is not None:
-        mask &= causal_target.detach().cpu() != IGNORE_INDEX
-    return mask
+        return attention_mask.to(device).bool()
+    return torch.ones(shape, dtype=torch.bool, device=device)
+
+
+def sequence_terms(labels: torch.Tensor | None, batch_size: int, attention_mask: torch.Tensor | None,
+                   device: torch.device) -> LossTerms:
+    """One term per example whose label is not -100 (every example when there are no labels, whose
+    targets the true Fisher draws); its attended tokens are kept. Float labels (regression,
+    multi-label) have no ignored value and no cross-entropy targets.
+
+    Args:
+        labels: `(B,)` integer class labels, float labels of any shape, or None.
+    """
+    if labels is None or labels.is_floating_point():
+        examples = torch.ones(batch_size, dtype=torch.bool, device=device)
+    else:
+        examples = labels.to(device) != IGNORE_INDEX
+    tokens = None
+    if attention_mask is not None and attention_mask.dim() == 2:
+        tokens = attention_mask.to(device).bool() & examples[:, None]
+    targets = None
+    if labels is None:
+        targets = torch.zeros(batch_size, dtype=torch.long, device=device)
+    elif not labels.is_floating_point():
+        targets = labels.to(device).long()
+    return LossTerms(examples, tokens, targets)
+
+
+def position_terms(targets: torch.Tensor, attention_mask: torch.Tensor | None) -> LossTerms:
+    """One term per attended position whose target is not -100; the targets are set to -100
+    wherever there is no term, so that the loss has exactly the kept terms.
+
+    Args:
+        targets: `(B, S)` long, already shifted for a causal LM.
+    """
+    tokens = _attended(attention_mask, tuple(targets.shape), targets.device) & (targets != IGNORE_INDEX)
+    targets = torch.where(tokens, targets, torch.full_like(targets, IGNORE_INDEX))
+    return LossTerms(tokens.any(dim=1), tokens, targets.long())
+
+
+def batch_terms(layout: str, labels: torch.Tensor | None, input_ids: torch.Tensor | None,
+                attention_mask: torch.Tensor | None, batch_size: int) -> LossTerms:
+    """The loss terms of a batch for a label layout ("sequence", "token" or "causal", see `heads.py`).
+
+    Without labels (true Fisher): a sequence example and an attended token each carry a term, and
+    a causal LM predicts its `input_ids`.
+    """
+    if layout == "sequence":
+        device = next((t.device for t in (labels, input_ids, attention_mask) if t is not None), torch.device("cpu"))
+        return sequence_terms(labels, batch_size, attention_mask, device)
+    if layout == "causal":
+        return position_terms(causal_targets(labels, input_ids, attention_mask), attention_mask)
+    if labels is None:
+        if attention_mask is None:
+            raise ValueError("a token-level batch without labels needs an attention_mask to know its positions")
+        labels = torch.zeros_like(attention_mask, dtype=torch.long)
+    return position_terms(labels, attention_mask)
 
 
 def summed_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -105,16 +191,22 @@ def sample_targets(logits: torch.Tensor, like: torch.Tensor, generator: torch.Ge
     return torch.where(like == IGNORE_INDEX, like, draws)
 
 
-def default_loss_units(batch: Batch) -> int:
-    """Units a mean-reduced loss averages over: labels != -100 after the causal shift for 2-D
-    labels, else examples."""
+def default_loss_units(batch: Batch, layout: str | None = None) -> int:
+    """Units a mean-reduced loss averages over, as transformers' losses count them.
+
+    2-D labels of a causal LM (or of a module without a declared head, `layout=None`): labels
+    != -100 after the shift. Other integer labels: labels != -100 (ignored examples and positions
+    are not averaged over). Float labels (regression, multi-label): every element.
+    """
     labels = None
     if isinstance(batch, Mapping):
         labels = batch.get("labels")
     elif isinstance(batch, (tuple, list)) and len(batch) == 2:
         labels = batch[1]
     if isinstance(labels, torch.Tensor):
-        if labels.dim() >= 2:
+        if labels.dim() >= 2 and layout in (None, "causal"):
             return int((labels[:, 1:] != IGNORE_INDEX).sum())
-        return int(labels.shape[0])
+        if not labels.is_floating_point():
+            return int((labels != IGNORE_INDEX).sum())
+        return int(labels.numel())
     raise ValueError("cannot infer the number of loss units of a mean-reduced loss: the batch has no `labels`")
