@@ -21,7 +21,6 @@ LossReduction = Literal["sum", "mean"]
 RankAllocation = Literal["uniform", "fisher"]
 
 FISHER_TYPES: tuple[str, ...] = get_args(FisherType)
-LOSS_REDUCTIONS: tuple[str, ...] = get_args(LossReduction)
 
 
 def check_choice(owner: str, field_name: str, value: Any, choices: tuple[Any, ...]) -> None:

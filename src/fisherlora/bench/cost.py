@@ -5,7 +5,7 @@ from __future__ import annotations
 import resource
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,9 +54,3 @@ def measure(interval: float = 0.01) -> Iterator[PhaseCost]:
         stop.set()
         sampler.join()
         cost.peak_rss_mb = max(peak[0], current_rss_bytes()) / 2**20
-
-
-def timed(function: Callable[[], object]) -> tuple[object, PhaseCost]:
-    with measure() as cost:
-        result = function()
-    return result, cost

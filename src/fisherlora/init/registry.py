@@ -85,9 +85,6 @@ class InitResult:
 InitFunction = Callable[[torch.Tensor, LayerGeometry | None, int, float, Any], tuple[torch.Tensor, torch.Tensor]]
 """`(W (d_out, d_in) float64, geometry or None, r, s, options) -> (A (r, d_in), B (d_out, r))`."""
 
-Initializer = MethodEntry  # an entry of the catalogue with a pure `function`
-
-
 class _Initializers(Mapping[str, MethodEntry]):
     """The catalogue's entries implemented here as pure functions (a live view: a method
     registered later appears at once)."""
