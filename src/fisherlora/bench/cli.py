@@ -15,30 +15,20 @@ INIT_COST_SKETCH = "+sketch"
 
 
 def check_method_names(methods: Sequence[str]) -> None:
-    """Refuse, before any work, a benchmark method name that `build_model` would not accept.
-
-    A name is a known method (`known_methods()`) with optional `+sketchK`/`+linear` suffixes and,
-    for this project's methods only, `@empirical`/`@true` (see `parse_method`).
+    """Refuse, before any work, a benchmark method name that `build_model` would not accept: the
+    same check (`effective_config`), with the known names added to the message.
 
     Raises:
         ValueError: naming the first bad name and listing the known ones.
     """
-    from ..config import FISHER_TYPES
-    from ..methods import PEFT_BASELINES
-    from .baselines import known_methods, parse_method
+    from .baselines import effective_config, known_methods
 
     known = f"known methods: {', '.join(known_methods())} (suffixes: @true, +sketchK, +linear)"
     for method in methods:
         try:
-            parsed = parse_method(method)
+            effective_config(method)
         except ValueError as error:
             raise ValueError(f"{error}; {known}") from None
-        if parsed.name not in known_methods():
-            raise ValueError(f"unknown method {method!r}; {known}")
-        baseline_with_suffix = parsed.name in PEFT_BASELINES and ("@" in method or parsed.sketch_rank is not None)
-        if parsed.fisher not in FISHER_TYPES or baseline_with_suffix:
-            raise ValueError(f"method {method!r}: only this project's methods take @empirical or @true and "
-                             f"+sketchK; {known}")
 
 
 def add_bench_commands(commands: Any) -> None:
