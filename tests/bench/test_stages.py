@@ -6,14 +6,18 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from fisherlora.bench.presets import Preset, TaskPlan
 from fisherlora.bench.report import format_table
-from fisherlora.bench.results import load_runs
-from fisherlora.bench.runner import RunSpec
+from fisherlora.bench.results import ResultsFile, load_runs
+from fisherlora.bench.runner import RunSpec, TrainingConfig
 from fisherlora.bench.selection import stage_of
+from fisherlora.bench.stages import EVAL_TEST_OPTIONS, EvalStage, default_methods, eval_specs
 from fisherlora.bench.summary import summarize
 
 from .records import make_run
@@ -99,7 +103,6 @@ def test_stage_two_without_stage_one_has_no_comparison() -> None:
 
 def test_report_writes_stage_two_plots_apart_from_stage_one(tmp_path: Path) -> None:
     from fisherlora.bench.report import write_report
-    from fisherlora.bench.results import ResultsFile
 
     results = ResultsFile(tmp_path)
     for run in _stage_two_runs():
@@ -108,3 +111,165 @@ def test_report_writes_stage_two_plots_apart_from_stage_one(tmp_path: Path) -> N
     assert "stage 2: eval" in text
     for name in ("loss_curves_t.png", "metric_t.png", "loss_curves_t-eval.png", "metric_t-eval.png"):
         assert (tmp_path / name).is_file(), name
+
+
+# ----------------------------------------------------------------------------- planning stage 2
+
+
+def _tune(method: str, vals: dict[float, float], seeds: range = range(2), **extra: Any) -> list[dict[str, Any]]:
+    """Stage-1 runs of ``method``: validation ``vals[lr]``, test the opposite order (never to be read)."""
+    return [make_run(method, lr, s, val, 1.0 - val, run_id=f"{method}/{lr}/{s}", **extra)
+            for s in seeds for lr, val in vals.items()]
+
+
+def _preset(methods: list[str]) -> Preset:
+    plan = TaskPlan(lrs=[1e-4, 1e-3, 1e-2], training=TrainingConfig(rank=2), options={"train_size": 16})
+    return Preset(name="p", description="test", tasks={"t": plan}, seeds=[0, 1], method_list=methods)
+
+
+BRACKETED = {1e-4: 0.5, 1e-3: 0.8, 1e-2: 0.6}
+
+
+def test_eval_specs_take_the_stage_one_lr_fresh_seeds_and_larger_test_sets() -> None:
+    runs = _tune("lora", {1e-4: 0.5, 1e-3: 0.6, 1e-2: 0.55}) + _tune("fisher_svd", BRACKETED)
+    settings = EvalStage(seeds=(100, 101, 102), test_options={"t": {"test_size": 500}})
+    specs = eval_specs(_preset(["lora", "fisher_svd"]), runs, settings)
+    assert [(s.seed, s.method, s.lr) for s in specs[:2]] == [(100, "lora", 1e-3), (100, "fisher_svd", 1e-3)]
+    assert len(specs) == 6 and {s.seed for s in specs} == {100, 101, 102} and {s.stage for s in specs} == {"eval"}
+    assert specs[0].task_options == {"train_size": 16, "test_size": 500} and specs[0].preset == "p"
+    assert len({s.run_id() for s in specs}) == 6
+
+
+def test_eval_specs_refuse_naming_every_method_without_a_bracketed_lr() -> None:
+    runs = (_tune("lora", BRACKETED) + _tune("fisher_svd", {1e-4: 0.5, 1e-3: 0.6, 1e-2: 0.7})
+            + _tune("fisher_eig", {1e-3: 0.7}) + _tune("fisher_grad", {1e-3: 0.7}, error="OOM"))
+    preset = _preset(["lora", "fisher_svd", "fisher_eig", "fisher_grad", "fisher_select"])
+    with pytest.raises(ValueError) as raised:
+        eval_specs(preset, runs)
+    message = str(raised.value)
+    assert "fisher_svd: best LR 1e-2 sits at an edge of its grid (1e-4, 1e-3, 1e-2)" in message
+    assert "fisher_eig: tried at one LR only" in message and "fisher_grad: no successful stage-1 run" in message
+    assert "fisher_select: no stage-1 (tune) run" in message and "lora:" not in message
+    # stage-2 runs in the folder never count as stage 1
+    evaluation = _tune("fisher_select", BRACKETED, seeds=range(100, 102), stage="eval")
+    with pytest.raises(ValueError, match="fisher_select: no stage-1"):
+        eval_specs(_preset(["lora", "fisher_select"]), runs + evaluation)
+
+
+def test_eval_specs_refuse_stage_one_seeds() -> None:
+    runs = _tune("lora", BRACKETED, seeds=range(3))
+    with pytest.raises(ValueError, match=r"evaluation seeds \[1, 2\] were used in stage 1"):
+        eval_specs(_preset(["lora"]), runs, seeds=[1, 2, 100])
+
+
+def test_default_methods_keep_the_best_baselines_on_validation_and_every_other_method() -> None:
+    runs = (_tune("lora", {1e-3: 0.1, 1e-2: 0.2}) + _tune("pissa", {1e-3: 0.9, 1e-2: 0.8})
+            + _tune("olora", {1e-3: 0.7}) + _tune("eva", {1e-3: 0.8}) + _tune("corda", {1e-3: 0.6})
+            + _tune("milora", {1e-3: 0.99}, error="diverged") + _tune("fisher_svd", {1e-3: 0.0}))
+    by_method: dict[str, list[dict[str, Any]]] = {}
+    for run in runs:
+        by_method.setdefault(run["method"], []).append(run)
+    candidates = ["lora", "pissa", "olora", "eva", "corda", "milora", "gaussian", "fisher_svd", "fisher_eig"]
+    chosen = default_methods(candidates, by_method, EvalStage(kept_baselines=3))
+    assert chosen == ["lora", "pissa", "olora", "eva", "fisher_svd", "fisher_eig"]
+
+
+def test_bench_stage_eval_refuses_before_any_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from fisherlora.cli import main
+
+    assert main(["bench", "--preset", "text", "--stage", "eval", "--out", str(tmp_path)]) == 2
+    assert "lora: no stage-1 (tune) run" in capsys.readouterr().err
+    assert not (tmp_path / "runs.jsonl").exists()
+
+
+def test_stage_two_runs_end_to_end_on_a_tiny_task(tmp_path: Path) -> None:
+    from fisherlora.bench.runner import run_all
+
+    from .test_runner import TRAINING, CountingFactory
+
+    plan = TaskPlan(lrs=[1e-4, 1e-3, 1e-2], training=TRAINING)
+    preset = Preset(name="p", description="test", tasks={"tiny": plan}, seeds=[0], method_list=["lora"])
+    results = ResultsFile(tmp_path)
+    for run in _tune("lora", BRACKETED):  # stage 1 as a worker would have recorded it
+        results.append({**run, "task": "tiny", "preset": "p", "stage": "tune"})
+    specs = eval_specs(preset, results.records(), EvalStage(seeds=(100, 101)))
+    written = run_all(specs, results, CountingFactory(), show_progress=False)
+    assert [(r["stage"], r["seed"], r["lr"]) for r in written] == [("eval", 100, 1e-3), ("eval", 101, 1e-3)]
+    assert all("error" not in r for r in written)
+    (evaluation,) = [s for s in summarize(results.records()) if s.stage == "eval"]
+    assert evaluation.method("lora").seeds == (100, 101) and evaluation.method("lora").best_lr == 1e-3
+
+
+def _optimizer_steps(plan: TaskPlan) -> int:
+    steps = plan.options["train_size"] // plan.training.batch_size * plan.training.epochs
+    return steps if plan.training.max_steps is None else min(steps, plan.training.max_steps)
+
+
+def test_long_text_regime_has_four_times_the_steps_on_the_same_task() -> None:
+    from fisherlora.bench.presets import get_preset
+
+    short, long = get_preset("text").tasks["text"], get_preset("text-long").tasks["text"]
+    assert _optimizer_steps(long) >= 4 * _optimizer_steps(short)
+    same = ("val_size", "test_size", "max_length")
+    assert {k: long.options[k] for k in same} == {k: short.options[k] for k in same}
+    text_eval = EVAL_TEST_OPTIONS["text"]
+    pool_rest = 10_201 - long.options["train_size"]  # the training pool's unused end (80% of 12,752)
+    assert text_eval["test_size"] + text_eval["extra_test_size"] >= 2000 and text_eval["extra_test_size"] <= pool_rest
+
+
+def test_stage_two_test_sets_are_large_enough() -> None:
+    from fisherlora.bench.presets import get_preset
+
+    sizes = {task: options["test_size"] + options.get("extra_test_size", 0)
+             for task, options in EVAL_TEST_OPTIONS.items()}
+    assert sizes["text"] >= 2000 and sizes["lm"] >= 500 and sizes["vision"] >= 2000
+    for task, size in sizes.items():  # larger than stage 1's
+        assert size > get_preset(task).tasks[task].options["test_size"]
+
+
+@pytest.mark.integration
+def test_text_extra_test_examples_come_from_the_unused_end_of_the_training_pool() -> None:
+    from fisherlora.bench import data
+    from fisherlora.bench.tasks import build_task
+
+    sizes = {"train_size": 16, "val_size": 8, "test_size": 8, "max_length": 16}
+    task = build_task("text", extra_test_size=12, **sizes)
+    texts, _ = data.load_rotten_tomatoes()
+    train_pool, val_pool, test_pool = data.seeded_split(len(texts), (0.8, 0.1, 0.1), 0)
+    expected = [texts[i] for i in test_pool[:8] + train_pool[-12:]]
+    assert [text for text, _ in task.test_examples] == expected
+    assert set(test_pool[:8] + train_pool[-12:]).isdisjoint(train_pool[:16] + val_pool[:8])
+    with pytest.raises(ValueError, match="extra_test_size=10200"):
+        build_task("text", extra_test_size=10_200, **sizes)
+
+
+@pytest.fixture
+def paper_method() -> Iterator[str]:
+    """A throwaway baseline of the "paper" family, registered for one test."""
+    from fisherlora.init.catalog import MethodEntry, add_entry, remove_entry
+
+    add_entry(MethodEntry("paper_init", "paper", "test only", function=lambda *args: None))
+    try:
+        yield "paper_init"
+    finally:
+        remove_entry("paper_init")
+
+
+def test_paper_baselines_always_run_in_stage_two_and_are_compared(paper_method: str) -> None:
+    runs = (_tune("lora", {1e-3: 0.1, 1e-2: 0.2}) + _tune("pissa", {1e-3: 0.9, 1e-2: 0.8})
+            + _tune("olora", {1e-3: 0.7}) + _tune(paper_method, {1e-3: 0.05}) + _tune("fisher_svd", {1e-3: 0.3}))
+    by_method: dict[str, list[dict[str, Any]]] = {}
+    for run in runs:
+        by_method.setdefault(run["method"], []).append(run)
+    candidates = ["lora", "pissa", "olora", paper_method, "fisher_svd"]
+    assert default_methods(candidates, by_method, EvalStage(kept_baselines=1)) == ["lora", "pissa", paper_method,
+                                                                                   "fisher_svd"]
+    runs = [{**run, "test_metric": run["val_metric"]} for run in runs]
+    (summary,) = summarize(runs)  # the paper baseline is compared like ours, against the best baseline
+    assert summary.best_baseline == "pissa"
+    compared = [m.method for m in summary.methods if m.comparison is not None]
+    assert compared == [paper_method, "fisher_svd"]
+    best_paper = [{**r, "test_metric": 0.99} if r["method"] == paper_method else r for r in runs]
+    (summary,) = summarize(best_paper)  # as the best baseline it is the reference, not compared with itself
+    assert summary.best_baseline == paper_method
+    assert [m.method for m in summary.methods if m.comparison is not None] == ["fisher_svd"]

@@ -48,6 +48,10 @@ def add_bench_commands(commands: Any) -> None:
     bench.add_argument("--text-column", default="text")
     bench.add_argument("--label-column", default="label")
     add_list_argument(bench, "--targets", default=None, help="LoRA target modules for --model")
+    bench.add_argument("--stage", choices=["tune", "eval"], default="tune",
+                       help="tune (stage 1): the LR grid on the preset's seeds; eval (stage 2): each method at its "
+                            "stage-1 LR read from the same results folder, on fresh seeds (default 100-109) and "
+                            "larger test sets (docs/protocol.md)")
     bench.add_argument("--no-report", action="store_true", help="do not write summary.md and plots at the end")
     bench.add_argument("--threads", type=int, default=None,
                        help="torch CPU threads (1 per process when running one process per seed)")
@@ -108,12 +112,19 @@ def command_bench(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     preset = _byo_preset(args) if (args.model or args.data) else get_preset(args.preset)
-    if args.lrs:
-        for plan in preset.tasks.values():
-            plan.lrs, plan.method_lrs, plan.third_lr = list(args.lrs), {}, None
-    specs = preset.specs(methods=args.methods, tasks=args.tasks, seeds=args.seeds)
     out = Path(args.out or f"results/{preset.name}")
     results = ResultsFile(out)
+    if args.stage == "eval":
+        from .stages import eval_specs
+
+        if args.lrs:
+            raise ValueError("--lrs is for stage 1 only: stage 2 takes each method's LR from stage 1's runs")
+        specs = eval_specs(preset, results.records(), methods=args.methods, tasks=args.tasks, seeds=args.seeds)
+    else:
+        if args.lrs:
+            for plan in preset.tasks.values():
+                plan.lrs, plan.method_lrs, plan.third_lr = list(args.lrs), {}, None
+        specs = preset.specs(methods=args.methods, tasks=args.tasks, seeds=args.seeds)
     cache: dict[str, Any] = {}
 
     def task_factory(spec: Any) -> Any:
@@ -124,7 +135,7 @@ def command_bench(args: argparse.Namespace) -> int:
         return cache[key]
 
     done_before = len(results.done_ids() & {spec.run_id() for spec in specs})
-    print(f"preset {preset.name}: {len(specs)} runs ({done_before} already in {results.path}); "
+    print(f"preset {preset.name}, stage {args.stage}: {len(specs)} runs ({done_before} already in {results.path}); "
           f"tasks {sorted({s.task for s in specs})}, {len({s.method for s in specs})} methods")
     run_all(specs, results, task_factory)
     if process_rank()[0] != 0:  # under DDP only rank 0 reports (run_all already waited for the file)

@@ -30,6 +30,17 @@ def is_baseline(method: str) -> bool:
     return base_method(method) in baselines()
 
 
+def is_compared(method: str) -> bool:
+    """True for the methods the report compares with the task's best baseline: every method of ours
+    and every baseline re-implemented from a paper (catalogue family "paper"); PEFT's and weight-only
+    baselines are the reference pool only."""
+    if not is_baseline(method):
+        return True
+    from ..init.catalog import get_method
+
+    return get_method(base_method(method)).family == "paper"
+
+
 def method_order(methods: Iterable[str]) -> list[str]:
     """Stable display order: baselines in catalogue order (a suffixed variant right after its plain
     name), then ours sorted by name."""

@@ -24,6 +24,7 @@ from ..config import FisherConfig, identity_fields
 from ..terminal import progress_bars_wanted
 from .baselines import AdapterSpec, build_model, fisher_statistics_mb, method_identity
 from .cost import measure
+from .predictions import PredictionRecorder
 from .provenance import git_state, machine, versions
 from .results import ResultsFile
 from .selection import Stage
@@ -316,7 +317,9 @@ def execute(spec: RunSpec, task: Task, show_progress: bool = True) -> dict[str, 
         record["final_train_loss"] = values[-1] if values else float("nan")
         record["train_steps"] = len(losses)
         record["val_metric"] = float(task.evaluate(model, task.val_loader()))
-        record["test_metric"] = float(task.evaluate(model, task.test_loader()))
+        with PredictionRecorder(model) as predictions:  # for the collapsed-run count (all one class)
+            record["test_metric"] = float(task.evaluate(model, task.test_loader()))
+        record.update(predictions.fields())
     except (KeyboardInterrupt, SystemExit):
         raise
     except Exception as error:  # a failed run is a result: recorded, reported, not hidden

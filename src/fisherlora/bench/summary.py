@@ -4,9 +4,10 @@ Pure functions of the run records; nothing reads files or draws. Protocol encode
 
 - each method at its validation-selected learning rate (:func:`.selection.select_lr`); the test
   metric is only ever read at that LR;
-- each Fisher variant ("ours": every method that is not a baseline, :mod:`.roles`) is compared with
-  the best baseline (highest mean test metric at its own best LR), paired by seed: mean difference,
-  paired t-test, exact sign-flip test, wins / ties / losses (:mod:`.paired`);
+- each Fisher variant ("ours": every method that is not a baseline, :mod:`.roles`) and each paper
+  baseline is compared with the best baseline (highest mean test metric at its own best LR),
+  paired by seed: mean difference, paired t-test, exact sign-flip test, wins / ties / losses
+  (:mod:`.paired`);
 - convergence: steps each seed needs to reach vanilla LoRA's final training loss;
 - failed runs (an ``"error"`` entry or a non-finite metric) are counted and listed, never averaged.
 """
@@ -21,7 +22,7 @@ import numpy as np
 
 from .curves import mean_curve, run_curve, smooth, steps_to_reach
 from .paired import MAX_EXACT_SIGN_FLIP_N, paired_t_test, sign_flip_p
-from .roles import is_baseline, method_order
+from .roles import is_baseline, is_compared, method_order
 from .selection import Run, Stage, dedupe, is_collapsed, is_failed, median, number, per_seed, select_lr, stage_of
 
 REFERENCE_METHOD = "lora"
@@ -292,7 +293,7 @@ def _summarize_task(preset: str, task: str, runs: Sequence[Run], smooth_window: 
         best_test = per_seed([r for r in by_method[best.method] if float(r["lr"]) == best.best_lr], "test_metric")
         methods = [
             _with_comparison(m, by_method[m.method], best_test, best.method)
-            if not m.is_baseline and m.best_lr is not None
+            if is_compared(m.method) and m.method != best.method and m.best_lr is not None
             else m
             for m in methods
         ]

@@ -2,7 +2,8 @@
 
 Built from the stage-2 (``"eval"``) task summaries (:func:`.summary.summarize`), where every
 method runs at its stage-1 learning rate on fresh seeds and the best baseline was chosen on
-stage-1 validation. For each method that is not a baseline, on each task:
+stage-1 validation. For each compared method (ours and the paper baselines, :func:`.roles.is_compared`),
+on each task:
 
 - the paired difference of test metrics (ours - baseline, by seed), its mean and 95% Student-t
   interval (:func:`.paired.mean_interval`);
