@@ -74,6 +74,42 @@ def test_init_writes_an_adapter_that_reproduces_the_base_function(model_dir: Pat
     assert difference <= 1e-4
 
 
+def test_init_with_a_real_first_step_writes_no_residual_and_converts_in_another_process(model_dir: Path,
+                                                                                         tmp_path: Path):
+    """LoRA-One leaves the base weights as they are: no residual model is written, the adapter folder
+    records it, and `save_as_lora(initial_adapter=...)` then converts the trained adapter without
+    subtracting the initial product: the original base plus the converted adapter is the trained model."""
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    import fisherlora as fl
+
+    data = write_csv(tmp_path / "data.csv", sample_rows())
+    out = tmp_path / "out"
+    assert run_init(model_dir, data, out, "--targets", "query", "value", "--method", "lora_one",
+                    "--one-gamma", "16") == 0
+    assert {p.name for p in out.iterdir()} == {"adapter", "stats.safetensors", "report.json"}
+    assert json.loads((out / "adapter" / "fisherlora_initial.json").read_text()) == {"residual_written": False}
+
+    def original() -> torch.nn.Module:
+        return AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2).eval()
+
+    model = PeftModel.from_pretrained(original(), str(out / "adapter"), is_trainable=True)
+    input_ids, labels = torch.tensor([[2, 5, 6, 7, 3], [2, 9, 8, 3, 0]]), torch.tensor([1, 0])
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        model(input_ids=input_ids, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    with torch.no_grad():
+        trained = model(input_ids=input_ids).logits
+    fl.save_as_lora(model, tmp_path / "converted", initial_adapter=out / "adapter")
+    loaded = PeftModel.from_pretrained(original(), str(tmp_path / "converted")).eval()
+    with torch.no_grad():
+        assert (loaded(input_ids=input_ids).logits - trained).abs().max() <= 1e-5
+
+
 def test_init_refuses_a_missing_column(model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     data = write_csv(tmp_path / "data.csv", sample_rows(), header=("review", "stars"))
     assert run_init(model_dir, data, tmp_path / "out") == 2

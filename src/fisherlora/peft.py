@@ -156,8 +156,13 @@ class LayerReport:
         return f"{self.name}: r={self.rank} s={self.scaling:g} fisher energy={energy} damping {damping}{untied}"
 
 
-# Per layer (base name): initial A, B (float32, CPU) and the scaling, for save_as_lora.
+# Per layer (base name): the initial A0, B0 (float32, CPU) whose product s B0 A0 was subtracted from the base
+# weight, and the scaling s, for save_as_lora. B0 is stored as zero where nothing was subtracted (a method that
+# takes a real first step, such as LoRA-One): then the base weight is the original one.
 InitialFactors = dict[str, tuple[torch.Tensor, torch.Tensor, float]]
+# Written next to an adapter saved right after initialization (`write_initial_record`): whether the base weights
+# hold a residual, so that `save_as_lora(initial_adapter=...)` in another process converts it the right way.
+INITIAL_RECORD = "fisherlora_initial.json"
 
 # Initial factors per PEFT model object and adapter, kept outside the modules and dropped with the model.
 _INITIAL_STATES: weakref.WeakKeyDictionary[nn.Module, dict[str, InitialFactors]] = weakref.WeakKeyDictionary()
@@ -268,7 +273,9 @@ def write_adapters(
                 stacklevel=3,
             )
         _write_residual(target.weight_module, target.layer_type, result.residual)
-        initial[target.name] = (lora_a.detach().float().cpu().clone(), lora_b.detach().float().cpu().clone(), scaling)
+        subtracted_b = lora_b if initializer.preserves_function else torch.zeros_like(lora_b)
+        initial[target.name] = (lora_a.detach().float().cpu().clone(), subtracted_b.detach().float().cpu().clone(),
+                                scaling)
         reports.append(LayerReport(target.name, rank, scaling, result.captured_energy, result.damping_added,
                                    untied_from=tied.get(target.name, [])))
     _INITIAL_STATES.setdefault(unwrap_compiled(model), {})[adapter_name] = initial
@@ -279,6 +286,36 @@ def adapter_is_zero(model: nn.Module, adapter_name: str = "default") -> bool:
     """Whether every `B` of the adapter (weight and bias) is zero: then `s B A = 0` and the base
     weights are unchanged."""
     return all(adapter_at_zero(target.hook_module, adapter_name) for target in find_target_layers(model, adapter_name))
+
+
+def _initial_factors(model: nn.Module, adapter_name: str) -> InitialFactors:
+    factors = _INITIAL_STATES.get(unwrap_compiled(model), {}).get(adapter_name)
+    if factors is None:
+        raise ValueError(
+            f"adapter {adapter_name!r} was not initialized by fisherlora.initialize_lora_fisher in this process; "
+            "pass initial_adapter= (the adapter saved right after initialization), or, for a plain LoRA "
+            "adapter that needs no conversion, use model.save_pretrained"
+        )
+    return factors
+
+
+def base_weights_changed(model: nn.Module, adapter_name: str = "default") -> bool:
+    """Whether `initialize_lora_fisher` (in this process) wrote a residual `W - s B0 A0 != W` into some base
+    weight: False for zero-start methods and for methods that take a real first step (LoRA-One, LoRA-DA),
+    whose base weights are the original ones.
+
+    Raises:
+        ValueError: the adapter was not initialized by `initialize_lora_fisher` in this process.
+    """
+    return any(bool(initial_b.any()) for _, initial_b, _ in _initial_factors(model, adapter_name).values())
+
+
+def write_initial_record(model: nn.Module, folder: str | os.PathLike[str], adapter_name: str = "default") -> None:
+    """Record, in an adapter folder saved right after initialization, whether the base weights hold a residual
+    (`INITIAL_RECORD`), so that `save_as_lora(initial_adapter=folder)` in another process subtracts the
+    initial product only when it was subtracted."""
+    record = {"residual_written": base_weights_changed(model, adapter_name)}
+    (Path(folder) / INITIAL_RECORD).write_text(json.dumps(record, indent=2))
 
 
 def _converted_config(peft_config: Any) -> Any:
@@ -302,7 +339,10 @@ def read_initial_factors(model: nn.Module, initial_adapter: str | os.PathLike[st
     Args:
         model: the PEFT model being converted (gives the layer names and scalings).
         initial_adapter: folder with `adapter_model.safetensors` written by `model.save_pretrained`
-            (or `fisherlora init`) before training.
+            (or `fisherlora init`) before training. When it holds the record written by
+            `write_initial_record` (`fisherlora init` writes it) saying that no residual was written
+            (a method that takes a real first step), `B0` is returned as zero; without the record the
+            initial product is taken to have been subtracted from the base weights.
 
     Returns:
         base-model layer name -> `(A0 (r, ...), B0 (d_out, r, ...), s)`.
@@ -313,13 +353,18 @@ def read_initial_factors(model: nn.Module, initial_adapter: str | os.PathLike[st
     if not path.is_file():
         raise FileNotFoundError(f"initial adapter {path} does not exist")
     tensors = load_file(str(path))
+    record_path = Path(initial_adapter) / INITIAL_RECORD
+    residual_written = json.loads(record_path.read_text()).get("residual_written", True) if record_path.is_file() \
+        else True
     factors = {}
     for target in find_target_layers(model, adapter_name):
         layer: Any = target.hook_module
         key = f"{PEFT_PREFIX}{target.name}"
         if f"{key}.lora_A.weight" not in tensors:
             raise ValueError(f"initial adapter {path} has no factors for module {target.name!r}")
-        factors[target.name] = (tensors[f"{key}.lora_A.weight"].float(), tensors[f"{key}.lora_B.weight"].float(),
+        initial_b = tensors[f"{key}.lora_B.weight"].float()
+        factors[target.name] = (tensors[f"{key}.lora_A.weight"].float(),
+                                initial_b if residual_written else torch.zeros_like(initial_b),
                                 float(layer.scaling[adapter_name]))
     return factors
 
@@ -331,8 +376,10 @@ def save_as_lora(model: nn.Module, out_dir: str | os.PathLike[str], adapter_name
     The model's base weights hold `W - s B0 A0`; its adapter holds trained `A1, B1`. Since
     `W - s B0 A0 + s B1 A1 = W + [s B1, -s B0] [A1; A0]`, the saved adapter has rank `2r`,
     scaling 1, `A = [A1; A0]`, `B = [s B1, -s B0]` (the conversion PEFT applies to
-    PiSSA/CorDA/LoRA-GA). With `lora_bias=True` the bias `b` of `lora_B` starts at zero and the
-    trained model adds `s b`, so the converted bias is `s b` (scaling 1). `modules_to_save` (e.g. a
+    PiSSA/CorDA/LoRA-GA). For a method that takes a real first step (no residual: LoRA-One,
+    LoRA-DA) nothing was subtracted, `B0` counts as zero and the saved delta is `s B1 A1`. With
+    `lora_bias=True` the bias `b` of `lora_B` starts at zero and the trained model adds `s b`, so
+    the converted bias is `s b` (scaling 1). `modules_to_save` (e.g. a
     classifier head) are saved as PEFT does. A `torch.compile`d model and the model inside it
     convert alike.
     The folder is written to a temporary sibling and renamed into place. The initial factors are
@@ -348,17 +395,10 @@ def save_as_lora(model: nn.Module, out_dir: str | os.PathLike[str], adapter_name
     model = unwrap_compiled(model)
     if not is_peft_model(model):
         raise TypeError(f"save_as_lora needs a PeftModel, got {type(model).__name__}")
-    states = _INITIAL_STATES.get(model, {})
     if initial_adapter is not None:
         initial = read_initial_factors(model, initial_adapter, adapter_name)
-    elif adapter_name in states:
-        initial = states[adapter_name]
     else:
-        raise ValueError(
-            f"adapter {adapter_name!r} was not initialized by fisherlora.initialize_lora_fisher in this process; "
-            "pass initial_adapter= (the adapter saved right after initialization), or, for a plain LoRA "
-            "adapter that needs no conversion, use model.save_pretrained"
-        )
+        initial = _initial_factors(model, adapter_name)
     peft_config = _as_any(model).peft_config[adapter_name]
     state = get_peft_model_state_dict(model, adapter_name=adapter_name)
     targets = {target.name: target for target in find_target_layers(model, adapter_name)}

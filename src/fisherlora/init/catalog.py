@@ -46,6 +46,8 @@ class MethodEntry:
         zero_start: the adapter starts at zero (`B = 0`), so the base weight is untouched.
         preserves_function: the model's outputs are unchanged at step 0 (zero start, or a residual
             `W - s B A` written into the base weight). False for methods that take a real first step.
+        balanced_factors: a non-zero adapter starts with `||A||_F == ||B||_F` (checked by the tests);
+            False for a published method whose own factors are not balanced (e.g. LoRA-DA).
         statistics: the Fisher statistics it reads (empty: none of ours).
         uses_data: it sees the calibration batches (every method with `statistics`, and PEFT's
             data-aware initializers).
@@ -62,6 +64,7 @@ class MethodEntry:
     description: str
     zero_start: bool = False
     preserves_function: bool = True
+    balanced_factors: bool = True
     statistics: tuple[Statistic, ...] = ()
     uses_data: bool = False
     linear_only: bool = False

@@ -113,6 +113,7 @@ def register_initializer(
     statistics: tuple[Statistic, ...] = KRONECKER,
     zero_start: bool = False,
     preserves_function: bool = True,
+    balanced_factors: bool = True,
     options: type | None = None,
     benchmark_variants: tuple[str, ...] = (),
 ) -> Callable[[InitFunction], InitFunction]:
@@ -128,13 +129,16 @@ def register_initializer(
         zero_start: it returns `B = 0` (the base weight stays as it is).
         preserves_function: `W - s B A` is written as the residual so the outputs are unchanged; False
             for methods whose adapter is a real first step (no residual).
+        balanced_factors: its non-zero factors have equal Frobenius norms (False only for a published
+            method whose own factors are not balanced).
         options: its options dataclass (`FisherConfig.options`); the function receives an instance.
         benchmark_variants: suffixes the benchmark also runs (e.g. `("@true",)`).
     """
 
     def decorate(function: InitFunction) -> InitFunction:
         add_entry(MethodEntry(name=name, family=family, description=description, zero_start=zero_start,
-                              preserves_function=preserves_function, statistics=statistics,
+                              preserves_function=preserves_function, balanced_factors=balanced_factors,
+                              statistics=statistics,
                               uses_data=bool(statistics), options=options, function=function,
                               benchmark_variants=benchmark_variants))
         return function
@@ -183,7 +187,8 @@ def run_initializer(
         `residual == W` for one that is not (its adapter is a real step away from `W`).
 
     Raises:
-        ValueError: unknown method, bad shapes or rank, missing statistics; TypeError: a non-float
+        ValueError: unknown method, bad shapes or rank, missing statistics, or inputs the method
+            cannot use (named with the method and module); TypeError: a non-float
         weight or another method's options; FloatingPointError: non-finite factors.
     """
     initializer = get_initializer(method)
@@ -216,7 +221,10 @@ def run_initializer(
         geometry = LayerGeometry(stats, config.damping, device=weight.device)
     matrix = weight.detach().double()
     assert initializer.function is not None
-    lora_a, lora_b = initializer.function(matrix, geometry, rank, scaling, options)
+    try:
+        lora_a, lora_b = initializer.function(matrix, geometry, rank, scaling, options)
+    except ValueError as error:  # e.g. a zero gradient, or a rank the method cannot take on this layer
+        raise ValueError(f"method {method!r}, module {module_name!r}: {error}") from error
     if lora_a.shape != (rank, d_in) or lora_b.shape != (d_out, rank):
         raise RuntimeError(
             f"initializer {method!r} returned A {tuple(lora_a.shape)} and B {tuple(lora_b.shape)}, "

@@ -17,7 +17,7 @@ from ..api import collect_fisher, initialize_lora_fisher
 from ..config import FisherConfig
 from ..files import staged_directory
 from ..init.registry import get_initializer
-from ..peft import LayerReport, adapter_is_zero
+from ..peft import LayerReport, base_weights_changed, write_initial_record
 from ..stats.container import FisherStats
 
 TaskName = Literal["causal-lm", "seq-cls"]
@@ -217,16 +217,19 @@ def layer_entries(reports: list[LayerReport], stats: FisherStats | None, model: 
 
 def write_outputs(out: str | Path, model: Any, tokenizer: Any, stats: FisherStats | None,
                   summary: dict[str, Any]) -> dict[str, Any]:
-    """Write `adapter/`, `residual_model/` (when the adapter does not start at zero), `stats.safetensors`
-    (when statistics were collected) and `report.json` into `out`, all or nothing.
+    """Write `adapter/` (with the record `save_as_lora(initial_adapter=...)` reads), `residual_model/`
+    (when a residual was written into the base weights: not for zero-start methods nor for those that take a
+    real first step), `stats.safetensors` (when statistics were collected) and `report.json` into `out`, all
+    or nothing.
 
     Returns:
         `summary` with `outputs` (the names written) added: the content of `report.json`.
     """
-    writes_residual = not adapter_is_zero(model)
+    writes_residual = base_weights_changed(model)
     with staged_directory(out) as staging:
         outputs = ["adapter"]
         model.save_pretrained(str(staging / "adapter"))
+        write_initial_record(model, staging / "adapter")
         if stats is not None:
             stats.save(staging / "stats.safetensors")
             outputs.append("stats.safetensors")
