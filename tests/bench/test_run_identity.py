@@ -12,6 +12,7 @@ from fisherlora.bench.baselines import method_identity
 from fisherlora.bench.runner import RunSpec, TrainingConfig
 from fisherlora.config import CollectionConfig, FisherConfig, identity_fields
 from fisherlora.init.catalog import ordered_entries
+from fisherlora.init.paper import LoraDAOptions, LoraGAPaperOptions, LoraOneOptions
 
 # The fields that existed when run identity was introduced. A field added later must declare the
 # value under which it changes nothing (metadata "neutral") or that it never changes a result
@@ -24,6 +25,10 @@ ORIGINAL_FIELDS = {
                    "damping", "options"},
     fl.FisherGradOptions: {"scale", "gamma", "step"},
     fl.FisherEigOptions: {"scale", "gamma"},
+    # The options a method was introduced with (no run of it existed before).
+    LoraOneOptions: {"gamma"},
+    LoraGAPaperOptions: {"gamma"},
+    LoraDAOptions: {"gamma", "variance_beta", "population_size"},
 }
 
 
