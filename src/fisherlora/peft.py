@@ -26,7 +26,7 @@ from .files import staged_directory
 from .init.registry import get_initializer, run_initializer
 from .stats.collect import TargetLayer
 from .stats.container import FisherStats, fingerprints_match, weight_fingerprint
-from .stats.layers import layer_type_of, module_weight, weight_matrix
+from .stats.layers import check_materialized, layer_type_of, module_weight, weight_matrix
 
 PEFT_PREFIX = "base_model.model."
 # `torch.compile(model)` returns a wrapper holding the model as `_orig_mod`; its module names gain this part.
@@ -209,13 +209,17 @@ def check_statistics_match(stats: FisherStats, targets: list[TargetLayer]) -> No
 
 def check_can_initialize(model: nn.Module, adapter_name: str = "default") -> list[TargetLayer]:
     """The layers of `adapter_name`, once it is known that writing their residuals changes no
-    other output: no other adapter on them, and the adapter at zero.
+    other output: every weight materialized, no other adapter on them, and the adapter at zero.
 
     Raises:
+        StatisticsError: a partitioned or unmaterialized weight (ZeRO-3/FSDP shard, meta tensor),
+            named, whether or not statistics were collected in this process.
         ValueError: see `base_weight_guards.check_adapter_is_alone_and_at_zero`; also those of
             `find_target_layers`.
     """
     targets = find_target_layers(model, adapter_name)
+    for target in targets:
+        check_materialized(target.name, target.weight_module, target.layer_type)
     check_adapter_is_alone_and_at_zero(targets, adapter_name)
     return targets
 

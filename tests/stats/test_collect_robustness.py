@@ -131,6 +131,21 @@ def test_partitioned_weight_is_refused_before_any_batch(kind: str) -> None:
     assert {key: p.requires_grad for key, p in model.named_parameters()} == flags
 
 
+def test_initializing_a_partitioned_weight_from_saved_statistics_is_refused_untouched() -> None:
+    """The same kind through the other entry point: statistics collected earlier (or on another
+    rank), then `initialize_lora_fisher` on a model whose weight is a shard."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(TinyMLP(), LoraConfig(r=2, target_modules=["fc1", "fc2"]))
+    stats = fl.collect_fisher(model, pair_batches(), config())
+    model.base_model.model.fc2.base_layer.weight.data = torch.empty(0)
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    with pytest.raises(fl.StatisticsError, match=r"module 'fc2'.*partitioned.*docs/scaling\.md"):
+        fl.initialize_lora_fisher(model, stats, config(method="fisher_svd"))
+    after = model.state_dict()
+    assert all(torch.equal(before[key], after[key]) for key in before)
+
+
 # --------------------------------------------------------------------------------------------
 # Layer groups over a shuffling dataloader: every pass sees the same batches
 # --------------------------------------------------------------------------------------------
