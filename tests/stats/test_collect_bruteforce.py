@@ -2,8 +2,9 @@
 
 Every reference here runs each example alone and un-padded (truncated to its real length), captures
 the layer input `x` and `g = dL/dy` of the sum-reduced cross-entropy with the test's own forward
-hooks and `retain_grad()`, keeps the positions the definition keeps, and sums the outer products in
-float64 by hand:
+hooks and `retain_grad()`, keeps the positions the definition keeps (every position for `M`: a
+prompt position has no loss term but reaches the loss through attention), and sums the outer
+products in float64 by hand:
 
     A = (1/T) sum_t x_t x_t^T,   G = (1/T) sum_t g_t g_t^T,   M = (1/E) sum_t g_t x_t^T.
 
@@ -52,17 +53,19 @@ class Reference:
     tokens: int = 0
     examples: int = 0
 
-    def add(self, x: torch.Tensor, g: torch.Tensor) -> None:
+    def add(self, x: torch.Tensor, g: torch.Tensor, keep: torch.Tensor | None) -> None:
+        """Rows `x`, `g` of one call; `A` and `G` take the rows in `keep` (None: all), `M` all."""
         x, g = x.double(), g.double()
         if self.act is None:
             self.act = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)
             self.grad = torch.zeros(g.shape[1], g.shape[1], dtype=torch.float64)
             self.cross = torch.zeros(g.shape[1], x.shape[1], dtype=torch.float64)
         for t in range(x.shape[0]):  # explicit per-token outer products
-            self.act += torch.outer(x[t], x[t])
-            self.grad += torch.outer(g[t], g[t])
+            if keep is None or keep[t]:
+                self.act += torch.outer(x[t], x[t])
+                self.grad += torch.outer(g[t], g[t])
+                self.tokens += 1
             self.cross += torch.outer(g[t], x[t])
-        self.tokens += x.shape[0]
 
     def stats(self) -> dict[str, torch.Tensor | int]:
         assert self.act is not None and self.grad is not None and self.cross is not None
@@ -137,10 +140,9 @@ def brute_force(model: nn.Module, names: list[str], examples: Iterable[Example])
         for name in names:
             for module, x, y in capture.calls[name]:
                 xs, gs = token_rows(module, x, y)
-                if keep is not None and xs.shape[0] > 1:
-                    assert keep.shape == (xs.shape[0],)
-                    xs, gs = xs[keep], gs[keep]
-                refs[name].add(xs, gs)
+                rows_keep = keep if keep is not None and xs.shape[0] > 1 else None
+                assert rows_keep is None or rows_keep.shape == (xs.shape[0],)
+                refs[name].add(xs, gs, rows_keep)
             refs[name].examples += 1
     return {name: ref.stats() for name, ref in refs.items()}
 

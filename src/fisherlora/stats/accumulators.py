@@ -111,17 +111,23 @@ class LayerAccumulator:
         self.tokens_forward += rows.shape[0]
         self.examples_forward += examples
 
-    def add_output_gradients(self, rows: torch.Tensor | None, inputs: torch.Tensor, examples: int,
-                             batch_index: int) -> None:
-        """Add output-gradient rows `g_t` `(N, d_out)` (None: the output does not reach the loss,
-        `g_t = 0`) to `G`, and `g_t x_t^T` to `M`, for the kept input rows `inputs` `(N, d_in)`."""
-        self.tokens_backward += inputs.shape[0]
+    def add_output_gradients(self, rows: torch.Tensor | None, row_mask: torch.Tensor | None, kept_tokens: int,
+                             inputs: torch.Tensor, examples: int, batch_index: int) -> None:
+        """Add output-gradient rows `g_t` `(N, d_out)` float32 (None: the output does not reach the
+        loss, `g_t = 0`) to `G` at the kept rows (`row_mask` `(N,)` bool, None: all; `kept_tokens`
+        of them), and `g_t x_t^T` to `M` at all `N` rows, with the input rows `inputs` `(N, d_in)`.
+
+        `M` sums to the weight gradient `dL/dW`: rows without a loss term of their own reach the
+        loss through attention, and padding rows add `g_t = 0`.
+        """
+        self.tokens_backward += kept_tokens
         self.examples_backward += examples
         if rows is None:
             return
-        if not torch.isfinite(rows).all():
+        kept = rows[row_mask] if row_mask is not None else rows
+        if not torch.isfinite(kept).all():
             raise StatisticsError(f"non-finite output gradient at module {self.name!r} at batch {batch_index}")
-        self.grad_sum.add(rows)
+        self.grad_sum.add(kept)
         if self.grad_mean_sum is not None:
             self.grad_mean_sum.addmm_(rows.T, inputs)
 

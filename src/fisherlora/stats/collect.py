@@ -1,10 +1,13 @@
 """Collect Kronecker-factored Fisher statistics: the entry point that ties hooks, step and sums together.
 
-Per targeted layer `y = W x`, over the kept tokens `t` of the data:
+Per targeted layer `y = W x`, over the `T` kept tokens `t` of the data (those with a loss term) for
+`A` and `G`, and over every token for `M`:
 
     A = (1/T) sum_t x_t x_t^T,   G = (1/T) sum_t g_t g_t^T,   M = (1/E) sum_t g_t x_t^T,
 
-with `g_t = dL/dy_t` of the sum-reduced loss (K-FAC, Martens & Grosse 2015, eq. 1-3). `hooks.py`
+with `g_t = dL/dy_t` of the sum-reduced loss (K-FAC, Martens & Grosse 2015, eq. 1-3). `M` is thus
+the weight gradient `dL/dW` over the `E` examples: a token without a loss term of its own (a
+prompt) still reaches the loss through attention. `hooks.py`
 records the layers and runs a pass, `strategy.py` is the loss and label draws (chosen once here),
 `accumulators.py` holds the sums (dense or Nystrom-sketched) and their `torch.distributed`
 all-reduce. `FisherConfig.layer_groups` collects contiguous groups of layers in separate passes.

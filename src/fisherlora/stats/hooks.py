@@ -42,7 +42,7 @@ class Record:
     accumulator: LayerAccumulator
     rows: TokenRows
     output_edge: GradientEdge | None  # None: the output is not in the autograd graph
-    kept_inputs: torch.Tensor | None = None
+    kept_tokens: int | None = None
     row_mask: torch.Tensor | None = None
 
 
@@ -73,11 +73,16 @@ class Recorder:
                 row_mask = row_mask.to(rows.device)
                 rows = rows[row_mask]
             record.accumulator.add_inputs(rows, examples, batch_index)
-            record.kept_inputs = rows
+            record.kept_tokens = rows.shape[0]
             record.row_mask = row_mask
 
     def backward(self, loss: torch.Tensor, examples: int, batch_index: int, retain: bool) -> None:
-        """`dL/dy` of every recorded output, added to `G` (and `M`) at the kept rows."""
+        """`dL/dy` of every recorded output, added to `G` at the kept rows and to `M` at every row.
+
+        `M` takes every row, not only those with a loss term: a position without one (a prompt, an
+        unlabeled token) still reaches the loss through attention, and `dL/dW = sum_t g_t x_t^T` over
+        all rows is the weight gradient by the chain rule, whatever the model does with padding.
+        """
         if not torch.isfinite(loss):
             # detach: float() of a grad-requiring tensor emits a UserWarning alongside the error
             raise StatisticsError(f"non-finite loss ({float(loss.detach())}) at batch {batch_index}")
@@ -91,13 +96,12 @@ class Recorder:
             edges.append(record.output_edge)
         gradients = torch.autograd.grad(loss, edges, retain_graph=retain, allow_unused=True)
         for record, gradient in zip(self.records, gradients, strict=True):
-            assert record.kept_inputs is not None
+            assert record.kept_tokens is not None
             rows = None
             if gradient is not None:
                 rows = output_gradient_rows(record.accumulator.target.layer_type, gradient)
-                if record.row_mask is not None:
-                    rows = rows[record.row_mask]
-            record.accumulator.add_output_gradients(rows, record.kept_inputs, examples, batch_index)
+            record.accumulator.add_output_gradients(rows, record.row_mask, record.kept_tokens, record.rows.inputs,
+                                                    examples, batch_index)
 
 
 class Step(Protocol):
