@@ -38,9 +38,14 @@ def test_stage_is_recorded_but_not_part_of_the_run_id() -> None:
     assert RunSpec(task="t", method="lora", seed=0, lr=1e-3, stage="eval").run_id() == spec.run_id()
 
 
-def test_committed_runs_are_marked_stage_one() -> None:
+def test_committed_runs_carry_a_stage_and_stage_two_seeds_are_fresh() -> None:
+    """Every committed run says its stage; stage-2 runs never reuse a stage-1 seed."""
     for name in ("text", "lm", "vision"):
-        assert {run.get("stage") for run in load_runs(ROOT / "results" / name)} == {"tune"}, name
+        runs = load_runs(ROOT / "results" / name)
+        assert {run.get("stage") for run in runs} <= {"tune", "eval"}, name
+        tune_seeds = {run["seed"] for run in runs if run["stage"] == "tune"}
+        eval_seeds = {run["seed"] for run in runs if run["stage"] == "eval"}
+        assert not tune_seeds & eval_seeds, name
 
 
 def test_migration_marks_only_missing_stages_and_keeps_every_other_byte(tmp_path: Path) -> None:
