@@ -316,3 +316,21 @@ def test_reader_api_matches_the_command(llama_dir: Path, tmp_path: Path, tokeniz
     examples, _ = read_causal_lm_examples(write_jsonl(tmp_path / "d.jsonl", rows), tokenizer, 64)
     assert [example.line for example in examples] == [1, 2, 3]
     assert sum(example.completion_tokens for example in examples) == brute_force_completion_tokens(tokenizer, rows)
+
+
+@pytest.mark.integration
+def test_init_on_packaged_smollm2_with_its_chat_template(tmp_path: Path):
+    from transformers import AutoTokenizer
+
+    from fisherlora.bench.tasks.lm import smollm2_dir
+
+    model_dir = smollm2_dir()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    rows = [{"messages": conversation(index)[1:]} for index in range(4)]  # SmolLM2 adds its own system turn
+    out = tmp_path / "out"
+    assert run_init(model_dir, write_jsonl(tmp_path / "chat.jsonl", rows), out, "--targets", "q_proj") == 0
+    report = json.loads((out / "report.json").read_text())
+    answers = [m["content"] + "<|im_end|>\n" for row in rows for m in row["messages"] if m["role"] == "assistant"]
+    expected = sum(len(tokenizer(answer, add_special_tokens=False).input_ids) for answer in answers)
+    assert report["completion_tokens"] == expected and len(report["layers"]) == 30
+    assert {layer["tokens"] for layer in report["layers"]} == {expected}
