@@ -74,11 +74,16 @@ def test_init_writes_an_adapter_that_reproduces_the_base_function(model_dir: Pat
     assert difference <= 1e-4
 
 
-def test_init_with_a_real_first_step_writes_no_residual_and_converts_in_another_process(model_dir: Path,
-                                                                                         tmp_path: Path):
-    """LoRA-One leaves the base weights as they are: no residual model is written, the adapter folder
-    records it, and `save_as_lora(initial_adapter=...)` then converts the trained adapter without
-    subtracting the initial product: the original base plus the converted adapter is the trained model."""
+@pytest.mark.parametrize("method_flags", [
+    ("--method", "lora_one", "--one-gamma", "16"),
+    ("--method", "fisher_step", "--step-gamma", "8", "--rank-allocation", "fisher"),
+], ids=["lora_one", "fisher_step+alloc"])
+def test_init_with_a_real_first_step_writes_no_residual_and_converts_in_another_process(
+        model_dir: Path, tmp_path: Path, method_flags: tuple[str, ...]):
+    """LoRA-One and fisher_step (here with Fisher rank allocation) leave the base weights as they are:
+    no residual model is written, the adapter folder records it, and `save_as_lora(initial_adapter=...)`
+    then converts the trained adapter without subtracting the initial product: the original base plus
+    the converted adapter is the trained model."""
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification
 
@@ -86,10 +91,11 @@ def test_init_with_a_real_first_step_writes_no_residual_and_converts_in_another_
 
     data = write_csv(tmp_path / "data.csv", sample_rows())
     out = tmp_path / "out"
-    assert run_init(model_dir, data, out, "--targets", "query", "value", "--method", "lora_one",
-                    "--one-gamma", "16") == 0
+    assert run_init(model_dir, data, out, "--targets", "query", "value", *method_flags) == 0
     assert {p.name for p in out.iterdir()} == {"adapter", "stats.safetensors", "report.json"}
     assert json.loads((out / "adapter" / "fisherlora_initial.json").read_text()) == {"residual_written": False}
+    ranks = {layer["rank"] for layer in json.loads((out / "report.json").read_text())["layers"]}
+    assert (len(ranks) > 1) == ("--rank-allocation" in method_flags)
 
     def original() -> torch.nn.Module:
         return AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2).eval()

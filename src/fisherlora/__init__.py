@@ -12,11 +12,12 @@ from typing import TYPE_CHECKING
 
 from .api import collect_fisher, initialize_lora_fisher
 from .config import CollectionConfig, FisherConfig
+from .conversion import save_as_lora
 from .init.catalog import CATALOG, MethodEntry, get_method
 from .init.fisher import FisherEigOptions, FisherGradOptions
 from .init.registry import INITIALIZERS, register_initializer
 from .methods import METHODS, PEFT_BASELINES, list_methods
-from .peft import LayerReport, save_as_lora
+from .peft import LayerReport
 from .stats.collect import StatisticsError
 from .stats.container import FisherStats, LayerStats
 from .stats.sketch import LowRankFactor

@@ -55,7 +55,7 @@ def collect_fisher(
     with_grad_mean = config.collect_grad_mean
     if with_grad_mean is None:
         entry = CATALOG.get(config.method)
-        with_grad_mean = entry is not None and entry.needs_grad_mean
+        with_grad_mean = entry is not None and "grad_mean" in entry.statistics_needed(config)
     return collect_statistics(model, targets, dataloader, config, loss_fn, sample_fn, with_grad_mean)
 
 
@@ -71,7 +71,11 @@ def initialize_lora_fisher(
     """Initialize the LoRA adapter of a PEFT model in the Fisher subspace of the data.
 
     Writes `lora_A`, `lora_B` and the residual base weight `W - s B A` of every LoRA layer of
-    `adapter_name`, in each layer's dtype; the model's outputs are unchanged. All layers are
+    `adapter_name`, in each layer's dtype; the model's outputs are unchanged (except for a method that
+    declares a real first step, `preserves_function=False`, which writes no residual). With
+    `config.rank_allocation="fisher"` each layer's adapter is first re-created at its allocated rank
+    (same total rank, same scaling; recorded in the adapter config's `rank_pattern`/`alpha_pattern`),
+    so create any optimizer after this call. All layers are
     computed before any is written, so an error leaves the model untouched. A layer whose weight
     is tied to another parameter (e.g. `lm_head` with `tie_word_embeddings=True`) gets its own copy
     first, with a warning and `LayerReport.untied_from`. A `torch.compile`d model works as the
@@ -99,7 +103,7 @@ def initialize_lora_fisher(
         stats = stats_or_dataloader
     elif isinstance(stats_or_dataloader, Mapping):
         raise TypeError("pass a FisherStats (from collect_fisher or FisherStats.load) or a dataloader, not a dict")
-    elif initializer.needs_statistics:
+    elif initializer.statistics_needed(config):
         stats = collect_fisher(model, stats_or_dataloader, config, adapter_name=adapter_name,
                                loss_fn=loss_fn, sample_fn=sample_fn)
     else:

@@ -139,11 +139,18 @@ class FisherConfig(CollectionConfig):
             any root or inverse (dimensionless).
         options: the method's options dataclass (e.g. `FisherGradOptions(scale="unit")`); `None`
             uses that method's defaults. An instance of another method's options is refused.
+        rank_allocation: "uniform" keeps each layer's rank as the PEFT model was created; "fisher"
+            spreads the same total number of ranks over the layers in proportion to each layer's
+            Fisher energy, re-creating each adapter at its rank (`init/allocation.py`; recorded as
+            PEFT's `rank_pattern`). Needs `A` and `G`, whatever the method.
     """
 
     method: str = field(default="fisher_eig", metadata={"cli": False})
     damping: float = field(default=1e-3, metadata={"help": "relative damping of A and G"})
     options: Any = field(default=None, metadata={"cli": False})
+    # Added after results existed: "uniform" (what every earlier run did) leaves run ids unchanged.
+    rank_allocation: RankAllocation = field(default="uniform", metadata={
+        "neutral": "uniform", "help": "'fisher': spread the total rank over layers by Fisher energy"})
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -24,6 +24,8 @@ def methods_table() -> str:
     for entry in ordered_entries():
         statistics = ", ".join(_STATISTIC_SYMBOLS[name] for name in entry.statistics) or (
             "data (PEFT's own)" if entry.uses_data else "none")
+        if entry.statistics_for is not None:
+            statistics += " (per its options)"
         rows.append(f"| `{entry.name}` | {entry.family} | {mark(entry.zero_start)} | "
                     f"{mark(entry.preserves_function)} | {statistics} | {entry.description} |")
     return "\n".join(rows)

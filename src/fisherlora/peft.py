@@ -1,29 +1,25 @@
-"""The only module that touches PEFT internals: find LoRA layers, write A/B/residual, convert, save."""
+"""PEFT plumbing: find LoRA layers and write A/B/residual (converting and saving: `conversion.py`;
+re-created ranks: `peft_ranks.py`)."""
 
 from __future__ import annotations
 
-import copy
-import json
-import os
 import warnings
 import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from .base_weight_guards import (
-    adapter_at_zero,
     check_adapter_is_alone_and_at_zero,
     shared_weight_names,
     untie_weight,
 )
 from .config import FisherConfig
-from .files import staged_directory
 from .init.registry import get_initializer, run_initializer
+from .peft_ranks import fisher_ranks, record_ranks, resize_adapter
 from .stats.collect import TargetLayer
 from .stats.container import FisherStats, fingerprints_match, weight_fingerprint
 from .stats.layers import check_materialized, layer_type_of, module_weight, weight_matrix
@@ -160,9 +156,6 @@ class LayerReport:
 # weight, and the scaling s, for save_as_lora. B0 is stored as zero where nothing was subtracted (a method that
 # takes a real first step, such as LoRA-One): then the base weight is the original one.
 InitialFactors = dict[str, tuple[torch.Tensor, torch.Tensor, float]]
-# Written next to an adapter saved right after initialization (`write_initial_record`): whether the base weights
-# hold a residual, so that `save_as_lora(initial_adapter=...)` in another process converts it the right way.
-INITIAL_RECORD = "fisherlora_initial.json"
 
 # Initial factors per PEFT model object and adapter, kept outside the modules and dropped with the model.
 _INITIAL_STATES: weakref.WeakKeyDictionary[nn.Module, dict[str, InitialFactors]] = weakref.WeakKeyDictionary()
@@ -231,18 +224,22 @@ def write_adapters(
 
     All factors are computed before the first write, so a failing layer leaves the model intact.
     A layer whose weight is tied to another parameter gets its own copy first (with a warning, and
-    named in its `LayerReport.untied_from`), so the other keeps `W`.
+    named in its `LayerReport.untied_from`), so the other keeps `W`. With
+    `config.rank_allocation="fisher"` each adapter is re-created at its allocated rank (`peft_ranks.py`)
+    and the ranks are recorded in the adapter config's `rank_pattern`/`alpha_pattern`.
     """
     initializer = get_initializer(config.method)
     targets = check_can_initialize(model, adapter_name)
     if stats is not None:
         check_statistics_match(stats, targets)
-    elif initializer.needs_statistics:
-        raise ValueError(f"method {config.method!r} needs statistics or a dataloader")
+    elif initializer.statistics_needed(config):
+        raise ValueError(f"method {config.method!r} (rank_allocation={config.rank_allocation!r}) needs statistics "
+                         "or a dataloader")
+    ranks = fisher_ranks(targets, stats, config, adapter_name) if stats and config.rank_allocation == "fisher" else {}
     planned = []
     for target in targets:
         layer: Any = target.hook_module
-        rank = int(layer.r[adapter_name])
+        rank = ranks.get(target.name, int(layer.r[adapter_name]))
         scaling = float(layer.scaling[adapter_name])
         weight = weight_matrix(target.weight_module, target.layer_type)
         result = run_initializer(
@@ -260,8 +257,11 @@ def write_adapters(
             for name, others in shared_weight_names(model, targets).items()}
     reports = []
     initial: InitialFactors = {}
+    peft_config = _as_any(unwrap_compiled(model)).peft_config[adapter_name]
     for target, rank, scaling, result in planned:
         layer = target.hook_module
+        if rank != int(layer.r[adapter_name]):
+            resize_adapter(layer, adapter_name, rank, peft_config)
         lora_a, lora_b = _to_lora_shapes(layer, adapter_name, result.lora_a, result.lora_b)
         with torch.no_grad():
             parameter_a = layer.lora_A[adapter_name].weight
@@ -282,14 +282,12 @@ def write_adapters(
                                 scaling)
         reports.append(LayerReport(target.name, rank, scaling, result.captured_energy, result.damping_added,
                                    untied_from=tied.get(target.name, [])))
+    if ranks:
+        layers = [_as_any(target.hook_module) for target in targets]
+        record_ranks(peft_config, {target.name: (int(layer.r[adapter_name]), float(layer.lora_alpha[adapter_name]))
+                                   for target, layer in zip(targets, layers, strict=True)})
     _INITIAL_STATES.setdefault(unwrap_compiled(model), {})[adapter_name] = initial
     return reports
-
-
-def adapter_is_zero(model: nn.Module, adapter_name: str = "default") -> bool:
-    """Whether every `B` of the adapter (weight and bias) is zero: then `s B A = 0` and the base
-    weights are unchanged."""
-    return all(adapter_at_zero(target.hook_module, adapter_name) for target in find_target_layers(model, adapter_name))
 
 
 def _initial_factors(model: nn.Module, adapter_name: str) -> InitialFactors:
@@ -312,124 +310,3 @@ def base_weights_changed(model: nn.Module, adapter_name: str = "default") -> boo
         ValueError: the adapter was not initialized by `initialize_lora_fisher` in this process.
     """
     return any(bool(initial_b.any()) for _, initial_b, _ in _initial_factors(model, adapter_name).values())
-
-
-def write_initial_record(model: nn.Module, folder: str | os.PathLike[str], adapter_name: str = "default") -> None:
-    """Record, in an adapter folder saved right after initialization, whether the base weights hold a residual
-    (`INITIAL_RECORD`), so that `save_as_lora(initial_adapter=folder)` in another process subtracts the
-    initial product only when it was subtracted."""
-    record = {"residual_written": base_weights_changed(model, adapter_name)}
-    (Path(folder) / INITIAL_RECORD).write_text(json.dumps(record, indent=2))
-
-
-def _converted_config(peft_config: Any) -> Any:
-    # The converted adapter has rank 2r and scaling 1 (s is folded into B), for every layer.
-    config = copy.deepcopy(peft_config)
-    rank_pattern = dict(config.rank_pattern or {})
-    alpha_pattern = dict(config.alpha_pattern or {})
-    config.r = 2 * peft_config.r
-    config.lora_alpha = 2 * peft_config.r
-    config.use_rslora = False
-    config.rank_pattern = {key: 2 * value for key, value in rank_pattern.items()}
-    config.alpha_pattern = {key: 2 * rank_pattern.get(key, peft_config.r) for key in {*rank_pattern, *alpha_pattern}}
-    config.init_lora_weights = True
-    return config
-
-
-def read_initial_factors(model: nn.Module, initial_adapter: str | os.PathLike[str],
-                         adapter_name: str = "default") -> InitialFactors:
-    """Initial `A0, B0` of every LoRA layer from an adapter folder saved right after initialization.
-
-    Args:
-        model: the PEFT model being converted (gives the layer names and scalings).
-        initial_adapter: folder with `adapter_model.safetensors` written by `model.save_pretrained`
-            (or `fisherlora init`) before training. When it holds the record written by
-            `write_initial_record` (`fisherlora init` writes it) saying that no residual was written
-            (a method that takes a real first step), `B0` is returned as zero; without the record the
-            initial product is taken to have been subtracted from the base weights.
-
-    Returns:
-        base-model layer name -> `(A0 (r, ...), B0 (d_out, r, ...), s)`.
-    """
-    from safetensors.torch import load_file
-
-    path = Path(initial_adapter) / "adapter_model.safetensors"
-    if not path.is_file():
-        raise FileNotFoundError(f"initial adapter {path} does not exist")
-    tensors = load_file(str(path))
-    record_path = Path(initial_adapter) / INITIAL_RECORD
-    residual_written = json.loads(record_path.read_text()).get("residual_written", True) if record_path.is_file() \
-        else True
-    factors = {}
-    for target in find_target_layers(model, adapter_name):
-        layer: Any = target.hook_module
-        key = f"{PEFT_PREFIX}{target.name}"
-        if f"{key}.lora_A.weight" not in tensors:
-            raise ValueError(f"initial adapter {path} has no factors for module {target.name!r}")
-        initial_b = tensors[f"{key}.lora_B.weight"].float()
-        factors[target.name] = (tensors[f"{key}.lora_A.weight"].float(),
-                                initial_b if residual_written else torch.zeros_like(initial_b),
-                                float(layer.scaling[adapter_name]))
-    return factors
-
-
-def save_as_lora(model: nn.Module, out_dir: str | os.PathLike[str], adapter_name: str = "default",
-                 initial_adapter: str | os.PathLike[str] | None = None) -> Path:
-    """Write an adapter that loads onto the ORIGINAL base with `PeftModel.from_pretrained`.
-
-    The model's base weights hold `W - s B0 A0`; its adapter holds trained `A1, B1`. Since
-    `W - s B0 A0 + s B1 A1 = W + [s B1, -s B0] [A1; A0]`, the saved adapter has rank `2r`,
-    scaling 1, `A = [A1; A0]`, `B = [s B1, -s B0]` (the conversion PEFT applies to
-    PiSSA/CorDA/LoRA-GA). For a method that takes a real first step (no residual: LoRA-One,
-    LoRA-DA) nothing was subtracted, `B0` counts as zero and the saved delta is `s B1 A1`. With
-    `lora_bias=True` the bias `b` of `lora_B` starts at zero and the trained model adds `s b`, so
-    the converted bias is `s b` (scaling 1). `modules_to_save` (e.g. a
-    classifier head) are saved as PEFT does. A `torch.compile`d model and the model inside it
-    convert alike.
-    The folder is written to a temporary sibling and renamed into place. The initial factors are
-    remembered by `initialize_lora_fisher` in this process; in another process pass
-    `initial_adapter`, the adapter folder saved right after initialization.
-
-    Returns:
-        the output folder.
-    """
-    from peft.utils import get_peft_model_state_dict
-    from safetensors.torch import save_file
-
-    model = unwrap_compiled(model)
-    if not is_peft_model(model):
-        raise TypeError(f"save_as_lora needs a PeftModel, got {type(model).__name__}")
-    if initial_adapter is not None:
-        initial = read_initial_factors(model, initial_adapter, adapter_name)
-    else:
-        initial = _initial_factors(model, adapter_name)
-    peft_config = _as_any(model).peft_config[adapter_name]
-    state = get_peft_model_state_dict(model, adapter_name=adapter_name)
-    targets = {target.name: target for target in find_target_layers(model, adapter_name)}
-    for name, (initial_a, initial_b, scaling) in initial.items():
-        target = targets[name]
-        layer: Any = target.hook_module
-        trained_a = layer.lora_A[adapter_name].weight.detach().float().cpu()
-        trained_b = layer.lora_B[adapter_name].weight.detach().float().cpu()
-        key = f"{PEFT_PREFIX}{name}"
-        if f"{key}.lora_A.weight" not in state:
-            raise RuntimeError(f"PEFT's state dict has no entry {key}.lora_A.weight; cannot convert {name!r}")
-        dtype = state[f"{key}.lora_A.weight"].dtype
-        state[f"{key}.lora_A.weight"] = torch.cat([trained_a, initial_a], dim=0).to(dtype).contiguous()
-        converted_b = torch.cat([scaling * trained_b, -scaling * initial_b], dim=1)
-        state[f"{key}.lora_B.weight"] = converted_b.to(dtype).contiguous()
-        # PEFT saves the base weight of a target named like an embedding (`lm_head`, `embed_tokens`): here the
-        # residual, which must not overwrite the original base's weight on loading.
-        state.pop(f"{key}.base_layer.weight", None)
-        if f"{key}.lora_B.bias" in state:
-            # Initialization refuses an adapter not at zero, so the initial bias was 0: s * (b1 - 0).
-            trained_bias = layer.lora_B[adapter_name].bias.detach().float().cpu()
-            state[f"{key}.lora_B.bias"] = (scaling * trained_bias).to(dtype).contiguous()
-    config = _converted_config(peft_config)
-    with staged_directory(out_dir) as staging:
-        save_file({k: v.contiguous() for k, v in state.items()}, str(staging / "adapter_model.safetensors"),
-                  metadata={"format": "pt"})
-        config.save_pretrained(str(staging))
-        (staging / "fisherlora.json").write_text(json.dumps({"converted_from_rank": peft_config.r,
-                                                             "layers": sorted(initial)}, indent=2))
-    return Path(out_dir)

@@ -56,17 +56,18 @@ def build_lora_model(base: nn.Module, spec: AdapterSpec, calibration: Sequence[A
         config: the method and its settings.
 
     Raises:
-        ValueError: unknown method.
+        ValueError: unknown method, or Fisher rank allocation asked of a method PEFT builds.
     """
     from peft import get_peft_model
 
     from .api import initialize_lora_fisher
 
     entry = get_method(config.method)
+    needed = entry.statistics_needed(config)  # refuses Fisher rank allocation for PEFT's methods
     if entry.build is not None:
         return entry.build(base, spec, calibration, config)
     model = get_peft_model(base, spec.lora_config())
-    initialize_lora_fisher(model, list(calibration) if entry.needs_statistics else None, config)
+    initialize_lora_fisher(model, list(calibration) if needed else None, config)
     return model
 
 

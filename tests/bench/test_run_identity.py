@@ -12,6 +12,7 @@ from fisherlora.bench.baselines import method_identity
 from fisherlora.bench.runner import RunSpec, TrainingConfig
 from fisherlora.config import CollectionConfig, FisherConfig, identity_fields
 from fisherlora.init.catalog import ordered_entries
+from fisherlora.init.fisher_zero_step import FisherStepOptions, FisherZeroOptions
 from fisherlora.init.paper import LoraDAOptions, LoraGAPaperOptions, LoraOneOptions
 
 # The fields that existed when run identity was introduced. A field added later must declare the
@@ -29,6 +30,8 @@ ORIGINAL_FIELDS = {
     LoraOneOptions: {"gamma"},
     LoraGAPaperOptions: {"gamma"},
     LoraDAOptions: {"gamma", "variance_beta", "population_size"},
+    FisherZeroOptions: {"source"},
+    FisherStepOptions: {"gamma"},
 }
 
 

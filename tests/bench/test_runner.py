@@ -123,7 +123,8 @@ def test_every_preset_parses(name: str):
     plan = preset.specs()
     assert plan and len({spec.run_id() for spec in plan}) == len(plan)
     assert set(preset.tasks) <= set(list_tasks())
-    assert set(preset.methods) == set(benchmark_methods())
+    assert set(preset.methods) == set(benchmark_methods(preset.variants))
+    assert preset.variants == (name != "quick"), "quick runs the plain names only, to stay short"
     if name == "full":
         assert set(preset.tasks) == {"text", "lm", "vision"}
         assert len(preset.seeds) >= 3

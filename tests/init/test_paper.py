@@ -22,9 +22,10 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
 import fisherlora as fl
+from fisherlora.conversion import INITIAL_RECORD, write_initial_record
 from fisherlora.init import run_initializer
 from fisherlora.init.paper import LoraDAOptions, LoraGAPaperOptions, LoraOneOptions
-from fisherlora.peft import _INITIAL_STATES, INITIAL_RECORD, base_weights_changed, write_initial_record
+from fisherlora.peft import _INITIAL_STATES, base_weights_changed
 from fisherlora.stats.container import LayerStats
 from models import lm_batches, text_batches, tiny_bert, tiny_gpt2
 

@@ -34,7 +34,10 @@ def collect(net: torch.nn.Module, batches, **options) -> fl.FisherStats:  # noqa
 
 
 def relative_error(approximation: torch.Tensor, exact: torch.Tensor) -> float:
-    return float((approximation.double() - exact.double()).norm() / exact.double().norm())
+    """`||approximation - exact|| / ||exact||`; 0 when both are zero (a zero-start method's B)."""
+    difference = float((approximation.double() - exact.double()).norm())
+    scale = float(exact.double().norm())
+    return difference / scale if scale > 0 else difference
 
 
 def test_sketched_factors_converge_and_are_exact_at_full_rank():

@@ -1,8 +1,10 @@
 """Benchmark method names: a catalogue method plus suffixes, and the model each one builds.
 
 A method name may carry a Fisher type: `fisher_svd@true` is `fisher_svd` with the true Fisher,
-a sketch: `fisher_svd+sketch64` keeps every factor wider than 64 as a rank-64 Nystrom sketch, and
-a view: `pissa+linear` runs PiSSA on targeted 1x1 convolutions rewritten as `nn.Linear`. The
+a sketch: `fisher_svd+sketch64` keeps every factor wider than 64 as a rank-64 Nystrom sketch,
+a view: `pissa+linear` runs PiSSA on targeted 1x1 convolutions rewritten as `nn.Linear`, and
+Fisher rank allocation: `fisher_zero+alloc` spreads the same total rank over the layers by their
+Fisher energy (`FisherConfig.rank_allocation="fisher"`). The
 methods themselves (and how each is built) are the catalogue's (`fisherlora.init.catalog`).
 """
 
@@ -14,7 +16,7 @@ from typing import Any
 
 from torch import nn
 
-from ..config import FISHER_TYPES, FisherConfig, FisherType, identity_fields
+from ..config import FISHER_TYPES, FisherConfig, FisherType, RankAllocation, identity_fields
 from ..init.catalog import CATALOG, MethodEntry, get_method, ordered_entries
 from ..peft_baselines import AdapterSpec, build_lora_model
 from .pointwise import pointwise_convs_as_linear_
@@ -22,7 +24,7 @@ from .pointwise import pointwise_convs_as_linear_
 
 @dataclass(frozen=True)
 class MethodName:
-    """A benchmark method name taken apart: ``NAME[+sketchK][+linear][@FISHER]``.
+    """A benchmark method name taken apart: ``NAME[+sketchK][+linear][+alloc][@FISHER]``.
 
     Attributes:
         name: the registered method (`pissa`, `fisher_svd`, ...).
@@ -30,16 +32,18 @@ class MethodName:
         sketch_rank: K of a ``+sketchK`` suffix (sketched statistics), else None.
         linear_view: ``+linear``: targeted 1x1 convolutions are presented as ``nn.Linear``
             (:mod:`.pointwise`), so PEFT's linear-only initializers can run on them.
+        rank_allocation: "fisher" for ``+alloc``, else "uniform".
     """
 
     name: str
     fisher: FisherType = "empirical"
     sketch_rank: int | None = None
     linear_view: bool = False
+    rank_allocation: RankAllocation = "uniform"
 
 
 def parse_method(method: str) -> MethodName:
-    """``"fisher_svd+sketch64@true"`` -> ``MethodName("fisher_svd", "true", 64, False)``.
+    """``"fisher_svd+sketch64@true"`` -> ``MethodName("fisher_svd", "true", 64, False, "uniform")``.
 
     Raises:
         ValueError: for an unknown suffix or a malformed ``+sketchK``.
@@ -48,20 +52,23 @@ def parse_method(method: str) -> MethodName:
     name, *suffixes = body.split("+")
     sketch_rank = None
     linear_view = False
+    rank_allocation: RankAllocation = "uniform"
     for suffix in suffixes:
         if suffix == "linear":
             linear_view = True
+        elif suffix == "alloc":
+            rank_allocation = "fisher"
         elif suffix.startswith("sketch"):
             digits = suffix[len("sketch"):]
             if not digits.isdigit() or int(digits) < 1:
                 raise ValueError(f"method {method!r}: write the sketch rank as +sketchK, e.g. fisher_svd+sketch64")
             sketch_rank = int(digits)
         else:
-            raise ValueError(f"method {method!r}: unknown suffix '+{suffix}' (known: +sketchK, +linear)")
+            raise ValueError(f"method {method!r}: unknown suffix '+{suffix}' (known: +sketchK, +linear, +alloc)")
     fisher = fisher or "empirical"
     if fisher not in FISHER_TYPES:
         raise ValueError(f"method {method!r}: the suffix after '@' must be one of {FISHER_TYPES}")
-    return MethodName(name, fisher, sketch_rank, linear_view)  # type: ignore[arg-type]
+    return MethodName(name, fisher, sketch_rank, linear_view, rank_allocation)  # type: ignore[arg-type]
 
 
 def split_method(method: str) -> tuple[str, FisherType]:
@@ -76,8 +83,8 @@ def sketch_rank_of(method: str) -> int | None:
 
 
 def fisher_statistics_mb(model: nn.Module, method: str, fisher: FisherConfig) -> float | None:
-    """MiB of the data statistics one of our methods holds (A and G, dense or sketched, and M for
-    `fisher_grad`), from the model's layer shapes; None for a method that is not ours.
+    """MiB of the data statistics one of our methods holds (A and G, dense or sketched, and M for the
+    methods that read it), from the model's layer shapes; None for a method that is not ours.
 
     The sketch comes from a `+sketchK` suffix, else from `fisher.sketch_threshold/sketch_rank`.
     """
@@ -85,18 +92,18 @@ def fisher_statistics_mb(model: nn.Module, method: str, fisher: FisherConfig) ->
     from ..stats.layers import weight_matrix
     from ..stats.sketch import layer_statistics_bytes
 
-    name, _ = split_method(method)
-    initializer = CATALOG.get(name)
+    initializer = CATALOG.get(parse_method(method).name)
     if initializer is None or initializer.function is None:
         return None
-    if not initializer.needs_statistics:
+    needed = initializer.statistics_needed(effective_config(method, fisher)[1])
+    if not needed:
         return 0.0
     sketch = sketch_rank_of(method)
     threshold, rank = (sketch, sketch) if sketch is not None else (fisher.sketch_threshold, fisher.sketch_rank)
     total = 0
     for target in find_target_layers(model):
         d_out, d_in = (int(v) for v in weight_matrix(target.weight_module, target.layer_type).shape)
-        total += layer_statistics_bytes(d_out, d_in, threshold, rank, initializer.needs_grad_mean)
+        total += layer_statistics_bytes(d_out, d_in, threshold, rank, "grad_mean" in needed)
     return total / 2**20
 
 
@@ -114,9 +121,13 @@ def effective_config(method: str, fisher_config: FisherConfig | None = None) -> 
     """
     parsed = parse_method(method)
     entry = get_method(parsed.name)
-    if not entry.needs_statistics and ("@" in method or parsed.sketch_rank is not None):
+    if parsed.rank_allocation != "uniform" and not entry.allows_rank_allocation:
+        raise ValueError(f"method {method!r}: +alloc (Fisher rank allocation) is for this project's initializers; "
+                         f"{parsed.name!r} is built by PEFT")
+    config = replace(fisher_config or FisherConfig(), method=parsed.name, fisher=parsed.fisher,
+                     rank_allocation=parsed.rank_allocation)
+    if not entry.statistics_needed(config) and ("@" in method or parsed.sketch_rank is not None):
         raise ValueError(f"method {method!r}: a method without Fisher statistics takes no Fisher type or sketch")
-    config = replace(fisher_config or FisherConfig(), method=parsed.name, fisher=parsed.fisher)
     if parsed.sketch_rank is not None:
         config = replace(config, sketch_rank=parsed.sketch_rank, sketch_threshold=parsed.sketch_rank)
     return entry, config
@@ -129,7 +140,7 @@ def method_identity(method: str, fisher_config: FisherConfig) -> dict[str, Any]:
     if entry.options is not None:
         config = replace(config, options=entry.resolve_options(config.options))
     values = identity_fields(config)
-    return {key: values[key] for key in entry.reads if key in values}
+    return {key: values[key] for key in entry.reads_for(config) if key in values}
 
 
 def build_model(method: str, base: nn.Module, spec: AdapterSpec, calibration: Sequence[Any],

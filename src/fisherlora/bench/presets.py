@@ -20,11 +20,13 @@ from .baselines import parse_method
 from .runner import RunSpec, TrainingConfig
 
 
-def benchmark_methods() -> list[str]:
-    """Every catalogue method, then every declared benchmark variant (e.g. `fisher_svd@true`)."""
+def benchmark_methods(variants: bool = True) -> list[str]:
+    """Every catalogue method, then (unless `variants=False`) every declared benchmark variant (e.g.
+    `fisher_svd@true`, `fisher_zero+alloc`)."""
     entries = ordered_entries()
-    return [entry.name for entry in entries] + [entry.name + variant for entry in entries
-                                                 for variant in entry.benchmark_variants]
+    names = [entry.name for entry in entries]
+    return names + [entry.name + variant for entry in entries for variant in entry.benchmark_variants] if variants \
+        else names
 
 
 def linear_view_methods() -> list[str]:
@@ -79,7 +81,8 @@ class Preset:
     description: str
     tasks: dict[str, TaskPlan]
     seeds: list[int]
-    method_list: list[str] | None = None  # None: every catalogue method (`benchmark_methods()`)
+    method_list: list[str] | None = None  # None: every catalogue method (`benchmark_methods(variants)`)
+    variants: bool = True  # with the catalogue's benchmark variants (`@true`, `+alloc`) when method_list is None
     # Pinned rather than FisherConfig's defaults: the config is part of every run id, so a change
     # of library default (e.g. the default method, which each run overrides anyway) must not
     # make a resumed benchmark re-run finished runs.
@@ -88,7 +91,7 @@ class Preset:
     @property
     def methods(self) -> list[str]:
         """The methods every task of the preset runs (live: a newly registered method is included)."""
-        return list(self.method_list) if self.method_list is not None else benchmark_methods()
+        return list(self.method_list) if self.method_list is not None else benchmark_methods(self.variants)
 
     def specs(self, methods: list[str] | None = None, tasks: list[str] | None = None,
               seeds: list[int] | None = None) -> list[RunSpec]:
@@ -148,9 +151,12 @@ def _presets() -> dict[str, Preset]:
     return {
         "quick": Preset(
             name="quick",
-            description="text task on a subset, every method, one seed, one learning rate (minutes on 2 cores)",
+            description="text task on a subset, every method (no variants), one seed, one learning rate "
+                        "(minutes on 2 cores)",
             tasks={"text": TaskPlan(lrs=[3e-3], training=text_training, options=TEXT_SMALL)},
             seeds=[0],
+            # The variants (@true, +alloc) would more than double it; the protocol presets run them.
+            variants=False,
         ),
         "text": Preset("text", "text task: LR grid x 3 seeds, every method", {"text": text_full}, [0, 1, 2]),
         "lm": Preset("lm", "causal-LM task: LR grid x 3 seeds, every method", {"lm": lm_full}, [0, 1, 2]),

@@ -33,6 +33,10 @@ KRONECKER_AND_GRADIENT: tuple[Statistic, ...] = ("act_cov", "grad_cov", "grad_me
 STATISTICS_SETTINGS: tuple[str, ...] = ("fisher", "num_batches", "n_samples", "collect_grad_mean",
                                         "loss_reduction", "seed", "sketch_threshold", "sketch_rank",
                                         "sketch_seed", "damping")
+# Fisher rank allocation (`FisherConfig.rank_allocation="fisher"`) reads A and G for every layer, whatever
+# the method; it applies to this project's pure-function initializers only.
+ALLOCATION_STATISTICS: tuple[Statistic, ...] = KRONECKER
+ALLOCATION_SETTINGS: tuple[str, ...] = ("rank_allocation",)
 
 
 @dataclass(frozen=True)
@@ -48,7 +52,10 @@ class MethodEntry:
             `W - s B A` written into the base weight). False for methods that take a real first step.
         balanced_factors: a non-zero adapter starts with `||A||_F == ||B||_F` (checked by the tests);
             False for a published method whose own factors are not balanced (e.g. LoRA-DA).
-        statistics: the Fisher statistics it reads (empty: none of ours).
+        statistics: the Fisher statistics it may read (empty: none of ours); the union over its options
+            when `statistics_for` narrows it per run.
+        statistics_for: `statistics_for(options) -> statistics` for a method whose needs depend on its
+            options (e.g. `fisher_zero` reads `M` only for its gradient sources); None: `statistics`.
         uses_data: it sees the calibration batches (every method with `statistics`, and PEFT's
             data-aware initializers).
         linear_only: PEFT implements it for `nn.Linear` only (the vision benchmark runs it on 1x1
@@ -72,15 +79,43 @@ class MethodEntry:
     function: Callable[..., Any] | None = None
     build: Callable[..., Any] | None = None
     benchmark_variants: tuple[str, ...] = ()
+    statistics_for: Callable[[Any], tuple[Statistic, ...]] | None = None
 
     @property
     def needs_statistics(self) -> bool:
-        """Whether it reads `A`/`G` (and so needs `collect_fisher`)."""
+        """Whether it may read statistics (and so may need `collect_fisher`); see `statistics_needed`
+        for what one run reads."""
         return bool(self.statistics)
 
     @property
     def needs_grad_mean(self) -> bool:
         return "grad_mean" in self.statistics
+
+    @property
+    def allows_rank_allocation(self) -> bool:
+        """Fisher rank allocation applies to this project's pure-function initializers (PEFT's methods
+        build their own adapters)."""
+        return self.function is not None
+
+    def statistics_with(self, options: Any) -> tuple[Statistic, ...]:
+        """The statistics the method itself reads with these (resolved) options."""
+        return self.statistics_for(options) if self.statistics_for is not None else self.statistics
+
+    def statistics_needed(self, config: Any) -> tuple[Statistic, ...]:
+        """The statistics a run of this method with `config` (a `FisherConfig`) reads: the method's own
+        (per its options) and, with `rank_allocation="fisher"`, `A` and `G` for the allocation.
+
+        Raises:
+            TypeError: options of another method. ValueError: Fisher rank allocation asked of a
+            method built by PEFT.
+        """
+        own = self.statistics_with(self.resolve_options(config.options))
+        if getattr(config, "rank_allocation", "uniform") == "uniform":
+            return own
+        if not self.allows_rank_allocation:
+            raise ValueError(f"method {self.name!r} is built by PEFT: Fisher rank allocation "
+                             "(rank_allocation='fisher') applies to this project's initializers only")
+        return (*own, *(name for name in ALLOCATION_STATISTICS if name not in own))
 
     @property
     def is_baseline(self) -> bool:
@@ -89,9 +124,18 @@ class MethodEntry:
 
     @property
     def reads(self) -> tuple[str, ...]:
-        """The `FisherConfig` fields that can change its result (its benchmark run identity)."""
+        """The `FisherConfig` fields that can change its result under any config (its benchmark run
+        identity); `reads_for` adds what one config makes it read."""
         settings = STATISTICS_SETTINGS if self.statistics else ()
+        settings = (*settings, *ALLOCATION_SETTINGS) if self.allows_rank_allocation else settings
         return (*settings, "options") if self.options is not None else settings
+
+    def reads_for(self, config: Any) -> tuple[str, ...]:
+        """`reads`, plus the statistics settings when `config` makes a method without statistics of its
+        own read some (Fisher rank allocation)."""
+        if self.statistics or not self.statistics_needed(config):
+            return self.reads
+        return (*STATISTICS_SETTINGS, *self.reads)
 
     def resolve_options(self, options: Any) -> Any:
         """`options` checked against this method's options dataclass; None -> its defaults.

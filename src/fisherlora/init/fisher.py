@@ -60,39 +60,63 @@ class FisherGradOptions:
             raise ValueError(f"FisherGradOptions.gamma must be > 0, got {self.gamma}")
 
 
-def _require(geometry: LayerGeometry | None) -> LayerGeometry:
+def require_geometry(geometry: LayerGeometry | None) -> LayerGeometry:
+    """The geometry of a method that reads statistics (`run_initializer` always passes one)."""
     if geometry is None:  # run_initializer guarantees it; this keeps the type checker honest
         raise ValueError("this initializer needs Fisher statistics")
     return geometry
 
 
+def fisher_weight_factors(weight: torch.Tensor, geometry: LayerGeometry,
+                          rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The best rank-r approximation of `W` in the Fisher norm, `G^-1/2 U_r S_r V_r^T A^-1/2` with
+    `U S V^T = svd(G^1/2 W A^1/2)` (Eckart-Young in whitened coordinates), in factored form.
+
+    Returns:
+        `left = G^-1/2 U_r` `(d_out, r)`, `S_r` `(r,)`, `right = A^-1/2 V_r` `(d_in, r)`, float64.
+    """
+    grad_roots, act_roots = geometry.grad_roots, geometry.act_roots
+    left, values, right_transposed = torch.linalg.svd(grad_roots.root @ weight @ act_roots.root, full_matrices=False)
+    return grad_roots.inverse_root @ left[:, :rank], values[:rank], act_roots.inverse_root @ right_transposed[:rank].T
+
+
+def natural_gradient_factors(geometry: LayerGeometry, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The rank-r natural-gradient approximation `R = G^-1/2 U_r S_r V_r^T A^-1/2` in factored form.
+
+    `U S V^T = svd(G^-1/2 M A^-1/2)` (damped factors): `R` is the best rank-r approximation, in the
+    Fisher norm, of the natural-gradient direction `G^-1 M A^-1` (K-FAC, Martens & Grosse 2015).
+
+    Returns:
+        `left = G^-1/2 U_r` `(d_out, r)`, `S_r` `(r,)`, `right = A^-1/2 V_r` `(d_in, r)`, float64.
+    """
+    grad_roots, act_roots = geometry.grad_roots, geometry.act_roots
+    grad_mean = geometry.stats.grad_mean
+    if grad_mean is None:  # run_initializer refuses this earlier, naming the module
+        raise ValueError("the natural gradient needs grad_mean (collect with collect_grad_mean=True)")
+    whitened = grad_roots.inverse_root @ grad_mean.to(grad_roots.inverse_root.dtype) @ act_roots.inverse_root
+    left, values, right_transposed = torch.linalg.svd(whitened, full_matrices=False)
+    return grad_roots.inverse_root @ left[:, :rank], values[:rank], act_roots.inverse_root @ right_transposed[:rank].T
+
+
 @register_initializer(
     "fisher_svd",
     "Fisher-weighted PiSSA: best rank-r approximation of W in the Fisher norm (SVD of G^1/2 W A^1/2), balanced",
-    benchmark_variants=("@true",),
+    benchmark_variants=("@true", "+alloc"),
 )
 def fisher_svd(weight: torch.Tensor, geometry: LayerGeometry | None, rank: int, scaling: float,
                options: object) -> tuple[torch.Tensor, torch.Tensor]:
-    geometry = _require(geometry)
-    grad_roots, act_roots = geometry.grad_roots, geometry.act_roots
-    whitened = grad_roots.root @ weight @ act_roots.root
-    left, singular_values, right_transposed = torch.linalg.svd(whitened, full_matrices=False)
     # Un-whiten: s B A = G^-1/2 U_r S_r V_r^T A^-1/2, the Eckart-Young optimum in the Fisher norm.
-    return balanced_factors(
-        grad_roots.inverse_root @ left[:, :rank],
-        singular_values[:rank],
-        act_roots.inverse_root @ right_transposed[:rank].T,
-        scaling,
-    )
+    return balanced_factors(*fisher_weight_factors(weight, require_geometry(geometry), rank), scaling)
 
 
 @register_initializer(
     "fisher_select",
     "W's own singular triplets ranked by Fisher sensitivity sigma^2 (u^T G u)(v^T A v) instead of sigma",
+    benchmark_variants=("+alloc",),
 )
 def fisher_select(weight: torch.Tensor, geometry: LayerGeometry | None, rank: int, scaling: float,
                   options: object) -> tuple[torch.Tensor, torch.Tensor]:
-    geometry = _require(geometry)
+    geometry = require_geometry(geometry)
     left, singular_values, right_transposed = torch.linalg.svd(weight, full_matrices=False)
     output_sensitivity = ((geometry.damped_grad_cov @ left) * left).sum(dim=0)
     input_sensitivity = ((right_transposed @ geometry.damped_act_cov) * right_transposed).sum(dim=1)
@@ -105,10 +129,11 @@ def fisher_select(weight: torch.Tensor, geometry: LayerGeometry | None, rank: in
     "fisher_eig",
     "adapter spans the top-r eigenvectors of G (output side) and of A (input side); scale per --eig-scale",
     options=FisherEigOptions,
+    benchmark_variants=("+alloc",),
 )
 def fisher_eig(weight: torch.Tensor, geometry: LayerGeometry | None, rank: int, scaling: float,
                options: object) -> tuple[torch.Tensor, torch.Tensor]:
-    geometry = _require(geometry)
+    geometry = require_geometry(geometry)
     assert isinstance(options, FisherEigOptions)
     _, output_directions = top_eigenvectors(geometry.stats.grad_cov, rank)  # (d_out, r)
     _, input_directions = top_eigenvectors(geometry.stats.act_cov, rank)  # (d_in, r)
@@ -131,20 +156,15 @@ def fisher_eig(weight: torch.Tensor, geometry: LayerGeometry | None, rank: int, 
     "natural-gradient spectral init: best rank-r Fisher-norm approximation of G^-1 M A^-1; scale per --grad-scale",
     statistics=KRONECKER_AND_GRADIENT,
     options=FisherGradOptions,
-    benchmark_variants=("@true",),
+    benchmark_variants=("@true", "+alloc"),
 )
 def fisher_grad(weight: torch.Tensor, geometry: LayerGeometry | None, rank: int, scaling: float,
                 options: object) -> tuple[torch.Tensor, torch.Tensor]:
-    geometry = _require(geometry)
-    assert isinstance(options, FisherGradOptions) and geometry.stats.grad_mean is not None
-    grad_roots, act_roots = geometry.grad_roots, geometry.act_roots
-    whitened = grad_roots.inverse_root @ geometry.stats.grad_mean.double() @ act_roots.inverse_root
-    left, singular_values, right_transposed = torch.linalg.svd(whitened, full_matrices=False)
-    left_factor = grad_roots.inverse_root @ left[:, :rank]
-    right_factor = act_roots.inverse_root @ right_transposed[:rank].T
+    assert isinstance(options, FisherGradOptions)
+    left_factor, singular_values, right_factor = natural_gradient_factors(require_geometry(geometry), rank)
     if options.scale == "spectrum":
-        return balanced_factors(left_factor, options.step * singular_values[:rank], right_factor, scaling)
-    directions_b, _, directions_a = balanced_directions(left_factor, singular_values[:rank], right_factor)
+        return balanced_factors(left_factor, options.step * singular_values, right_factor, scaling)
+    directions_b, _, directions_a = balanced_directions(left_factor, singular_values, right_factor)
     if options.scale == "unit":
         return directions_a, directions_b
     # "stable" (LoRA-GA): both factors scaled by d_out^(1/4) / sqrt(gamma).

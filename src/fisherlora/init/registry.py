@@ -116,6 +116,7 @@ def register_initializer(
     balanced_factors: bool = True,
     options: type | None = None,
     benchmark_variants: tuple[str, ...] = (),
+    statistics_for: Callable[[Any], tuple[Statistic, ...]] | None = None,
 ) -> Callable[[InitFunction], InitFunction]:
     """Decorator adding a pure-function initializer to the method catalogue, and so to
     `fisherlora.METHODS`, the command line, the benchmark presets, the report and the test sweeps.
@@ -133,6 +134,8 @@ def register_initializer(
             method whose own factors are not balanced).
         options: its options dataclass (`FisherConfig.options`); the function receives an instance.
         benchmark_variants: suffixes the benchmark also runs (e.g. `("@true",)`).
+        statistics_for: `statistics_for(options) -> statistics` when what it reads depends on its
+            options (then `statistics` is the union over the options).
     """
 
     def decorate(function: InitFunction) -> InitFunction:
@@ -140,7 +143,7 @@ def register_initializer(
                               preserves_function=preserves_function, balanced_factors=balanced_factors,
                               statistics=statistics,
                               uses_data=bool(statistics), options=options, function=function,
-                              benchmark_variants=benchmark_variants))
+                              benchmark_variants=benchmark_variants, statistics_for=statistics_for))
         return function
 
     return decorate
@@ -206,7 +209,8 @@ def run_initializer(
     if scaling <= 0:
         raise ValueError(f"module {module_name!r}: LoRA scaling must be > 0, got {scaling}")
     geometry = None
-    if initializer.needs_statistics:
+    needed = initializer.statistics_with(options)
+    if needed:
         if stats is None:
             raise ValueError(f"method {method!r} needs Fisher statistics for module {module_name!r}; none were given")
         if tuple(stats.weight_shape) != (d_out, d_in):
@@ -214,7 +218,7 @@ def run_initializer(
                 f"statistics for module {module_name!r} have weight shape {tuple(stats.weight_shape)}, "
                 f"the layer has {(d_out, d_in)}"
             )
-        if initializer.needs_grad_mean and stats.grad_mean is None:
+        if "grad_mean" in needed and stats.grad_mean is None:
             raise ValueError(
                 f"method {method!r} needs grad_mean for module {module_name!r}: collect with collect_grad_mean=True"
             )

@@ -15,9 +15,10 @@ from torch import nn
 
 from ..api import collect_fisher, initialize_lora_fisher
 from ..config import FisherConfig
+from ..conversion import write_initial_record
 from ..files import staged_directory
 from ..init.registry import get_initializer
-from ..peft import LayerReport, base_weights_changed, write_initial_record
+from ..peft import LayerReport, base_weights_changed
 from ..stats.container import FisherStats
 
 TaskName = Literal["causal-lm", "seq-cls"]
@@ -192,7 +193,7 @@ def lora_model(base: Any, job: InitJob, targets: str | list[str], task_type: str
 def initialize(model: Any, batches: list[dict[str, torch.Tensor]],
                config: FisherConfig) -> tuple[FisherStats | None, list[LayerReport]]:
     """Collect statistics (when the method needs them) and initialize the adapter in place."""
-    stats = collect_fisher(model, batches, config) if get_initializer(config.method).needs_statistics else None
+    stats = collect_fisher(model, batches, config) if get_initializer(config.method).statistics_needed(config) else None
     return stats, initialize_lora_fisher(model, stats, config)
 
 
