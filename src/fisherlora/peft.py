@@ -235,7 +235,9 @@ def write_adapters(
     elif initializer.statistics_needed(config):
         raise ValueError(f"method {config.method!r} (rank_allocation={config.rank_allocation!r}) needs statistics "
                          "or a dataloader")
-    ranks = fisher_ranks(targets, stats, config, adapter_name) if stats and config.rank_allocation == "fisher" else {}
+    ranks = {}
+    if stats is not None and config.rank_allocation == "fisher":
+        ranks = fisher_ranks(targets, stats, config, adapter_name)
     planned = []
     for target in targets:
         layer: Any = target.hook_module
