@@ -231,3 +231,9 @@ def test_allocation_needs_statistics_and_applies_to_our_methods_only():
     with pytest.raises(ValueError, match="'pissa' is built by PEFT: Fisher rank allocation"):
         build_lora_model(tiny_bert(), AdapterSpec(rank=2, alpha=4), batches,
                          config_for("pissa", rank_allocation="fisher"))
+
+
+def test_the_trainer_callback_refuses_rank_allocation():
+    """The trainer's optimizer exists before `on_train_begin`: adapters re-created there would not train."""
+    with pytest.raises(ValueError, match="FisherInitCallback cannot apply rank_allocation='fisher'"):
+        fl.FisherInitCallback(config_for("fisher_zero", rank_allocation="fisher"))

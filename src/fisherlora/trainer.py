@@ -20,8 +20,9 @@ from transformers import TrainerCallback
 
 from .api import collect_fisher, initialize_lora_fisher
 from .config import FisherConfig
+from .conversion import save_as_lora
 from .init.registry import get_initializer
-from .peft import LayerReport, is_peft_model, save_as_lora
+from .peft import LayerReport, is_peft_model
 from .stats.container import FisherStats
 
 
@@ -38,6 +39,10 @@ class FisherInitCallback(TrainerCallback):
         reports: the `LayerReport` of every layer after initialization (empty before).
         stats: the `FisherStats` collected (None before, and for data-free methods).
 
+    Raises (at construction):
+        ValueError: an unknown method, or `rank_allocation="fisher"` (the trainer builds its optimizer
+            before the callback runs, so re-created adapters would not be trained).
+
     Raises (at `trainer.train()`):
         TypeError: the trainer's model is not a PEFT model.
         RuntimeError: training resumes from a checkpoint: a checkpoint holds the trained adapter but
@@ -50,6 +55,13 @@ class FisherInitCallback(TrainerCallback):
                  adapter_name: str = "default") -> None:
         self.config = config or FisherConfig()
         get_initializer(self.config.method)  # an unknown method fails here, not after the trainer is built
+        if self.config.rank_allocation != "uniform":
+            # The trainer builds its optimizer before on_train_begin: adapters re-created at new ranks would
+            # have parameters the optimizer never sees, and would silently not train.
+            raise ValueError("FisherInitCallback cannot apply rank_allocation='fisher': the trainer's optimizer "
+                             "exists before the callback runs, and re-created adapters would not be trained; "
+                             "initialize with fisherlora.initialize_lora_fisher (or fisherlora init) before "
+                             "building the trainer")
         self.save_to = save_to
         self.adapter_name = adapter_name
         self.reports: list[LayerReport] = []
@@ -66,7 +78,7 @@ class FisherInitCallback(TrainerCallback):
                 "adapter, not the residual base weights; resume without this callback on a model built from the "
                 "residual weights (fisherlora init writes them to OUT/residual_model)"
             )
-        if get_initializer(self.config.method).needs_statistics:
+        if get_initializer(self.config.method).statistics_needed(self.config):
             if train_dataloader is None:
                 raise RuntimeError("FisherInitCallback: the trainer passed no train_dataloader to collect "
                                    "statistics on")
