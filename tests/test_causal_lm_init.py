@@ -334,3 +334,32 @@ def test_init_on_packaged_smollm2_with_its_chat_template(tmp_path: Path):
     expected = sum(len(tokenizer(answer, add_special_tokens=False).input_ids) for answer in answers)
     assert report["completion_tokens"] == expected and len(report["layers"]) == 30
     assert {layer["tokens"] for layer in report["layers"]} == {expected}
+
+
+def test_zero_start_method_writes_no_residual_model(llama_dir: Path, tmp_path: Path, tokenizer):
+    """B = 0 leaves W unchanged: the adapter applies to the original base, so no residual model is written."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from fisherlora.init.catalog import remove_entry
+    from fisherlora.init.registry import register_initializer
+
+    @register_initializer("test_zero_start", "test-only: constant A, zero B", family="paper", statistics=(),
+                          zero_start=True)
+    def initialize(weight: torch.Tensor, geometry: object, rank: int, scaling: float,
+                   options: object) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.full((rank, weight.shape[1]), 0.1, dtype=weight.dtype), weight.new_zeros(weight.shape[0], rank)
+
+    out = tmp_path / "out"
+    try:
+        assert run_init(llama_dir, write_jsonl(tmp_path / "d.jsonl", prompt_completion_rows(4)), out,
+                        "--method", "test_zero_start") == 0
+    finally:
+        remove_entry("test_zero_start")
+    assert {path.name for path in out.iterdir()} == {"adapter", "report.json"}
+    assert json.loads((out / "report.json").read_text())["outputs"] == ["adapter", "report.json"]
+    original = AutoModelForCausalLM.from_pretrained(llama_dir).eval()
+    with_adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(llama_dir), str(out / "adapter"))
+    input_ids = torch.tensor([tokenizer("Sort the words: river apple ->").input_ids])
+    with torch.no_grad():
+        assert torch.equal(with_adapter.eval()(input_ids=input_ids).logits, original(input_ids=input_ids).logits)
