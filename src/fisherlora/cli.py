@@ -168,6 +168,7 @@ def _add_bench_commands(commands: argparse._SubParsersAction) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # the command line, written with results
     try:
         return int(args.handler(args))
     except (ValueError, TypeError, FileNotFoundError) as error:

@@ -20,6 +20,7 @@ from .base_weight_guards import (
 from .config import FisherConfig
 from .init.registry import get_initializer, run_initializer
 from .peft_ranks import fisher_ranks, record_ranks, resize_adapter
+from .phases import phase
 from .stats.collect import TargetLayer
 from .stats.container import FisherStats, fingerprints_match, weight_fingerprint
 from .stats.layers import check_materialized, layer_type_of, module_weight, weight_matrix
@@ -244,16 +245,17 @@ def write_adapters(
         rank = ranks.get(target.name, int(layer.r[adapter_name]))
         scaling = float(layer.scaling[adapter_name])
         weight = weight_matrix(target.weight_module, target.layer_type)
-        result = run_initializer(
-            config.method,
-            weight,
-            stats.layers[target.name] if stats is not None else None,
-            rank,
-            scaling,
-            config,
-            module_name=target.name,
-            factor_dtype=layer.lora_A[adapter_name].weight.dtype,
-        )
+        with phase("factorization"):
+            result = run_initializer(
+                config.method,
+                weight,
+                stats.layers[target.name] if stats is not None else None,
+                rank,
+                scaling,
+                config,
+                module_name=target.name,
+                factor_dtype=layer.lora_A[adapter_name].weight.dtype,
+            )
         planned.append((target, rank, scaling, result))
     tied = {name: [base_name(other) for other in others]
             for name, others in shared_weight_names(model, targets).items()}

@@ -14,6 +14,7 @@ from torch import nn
 
 from .config import FisherConfig
 from .init.catalog import get_method, register_method
+from .phases import phase
 
 
 @dataclass
@@ -149,13 +150,17 @@ def build_lora_ga(base: nn.Module, spec: AdapterSpec, calibration: Sequence[Any]
 
     def train_step() -> None:
         for batch in batches:
-            base(**batch).loss.backward()
+            with phase("forward"):
+                loss = base(**batch).loss
+            with phase("backward"):
+                loss.backward()
 
     was_training = base.training
     base.eval()  # same as our statistics: no dropout noise in the calibration gradients
     preprocess_loraga(base, lora_config, train_step)
     base.train(was_training)
-    return get_peft_model(base, lora_config)
+    with phase("factorization"):  # get_peft_model runs LoRA-GA's per-layer SVDs
+        return get_peft_model(base, lora_config)
 
 
 def _single_examples(batch: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:

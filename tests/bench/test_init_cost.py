@@ -4,15 +4,21 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 
 from fisherlora.bench import init_cost
 from fisherlora.bench.baselines import AdapterSpec
+from fisherlora.bench.floor import forward_backward_floor
+from fisherlora.bench.init_cost import format_init_cost
 from fisherlora.bench.tasks import TaskType
+from fisherlora.cli import main
 from fisherlora.config import FisherConfig
+from fisherlora.phases import PHASES, record_phases
 
 from .test_runner import tiny_task
 
@@ -25,16 +31,50 @@ def test_init_cost_measures_every_method(tmp_path: Path, monkeypatch: pytest.Mon
                                       task_options={"train_size": 16}, fisher=FisherConfig(progress=False),
                                       sketch_rank=4, sketch_threshold=8)
     result = init_cost.run_init_cost(config, tmp_path)
-    assert set(result["medians"]) == {"lora_ga", "fisher_svd", "fisher_grad@true", "fisher_svd+sketch"}
+    assert set(result["medians"]) == {"lora_ga", "fisher_svd", "fisher_grad@true", "fisher_svd+sketch", "floor"}
     assert all(len(samples) == 2 for samples in result["samples"].values())
     assert result["medians"]["lora_ga"]["ratio_to_lora_ga"] == pytest.approx(1.0)
-    for values in result["medians"].values():
+    assert result["medians"]["floor"]["ratio_to_floor"] == pytest.approx(1.0)
+    for method, values in result["medians"].items():
         assert values["seconds"] > 0 and values["peak_rss_mb"] > 0 and math.isnan(values["ratio_to_epoch"])
+        # Every method and the floor run forward and backward passes; only ours accumulate statistics.
+        assert values["forward_seconds"] > 0 and values["backward_seconds"] > 0, method
+        assert (values["statistics_seconds"] > 0) == method.startswith("fisher"), method
+        assert (values["factorization_seconds"] > 0) == (method != "floor"), method
+    for runs in result["samples"].values():
+        for run in runs:  # the phases are disjoint parts of the wall time
+            parts = sum(run[f"{phase}_seconds"] for phase in PHASES)
+            assert parts <= run["seconds"] and run["other_seconds"] == pytest.approx(run["seconds"] - parts)
     written = json.loads((tmp_path / "init_cost_text.json").read_text())
     assert written["medians"]["lora_ga"]["ratio_to_epoch"] is None  # NaN is written as null: valid JSON
     assert written["medians"]["fisher_svd"]["seconds"] == result["medians"]["fisher_svd"]["seconds"]
     table = (tmp_path / "init_cost_text.md").read_text()
-    assert "| fisher_grad@true |" in table and "x LoRA-GA" in table
+    assert "| fisher_grad@true |" in table and "x LoRA-GA" in table and "x floor" in table
+    assert "| factorization s |" in table and "| floor |" in table
+
+
+def test_all_linear_is_every_linear_layer_but_the_head():
+    task = tiny_task()
+    names = init_cost.resolve_targets(task, "all-linear")
+    model = task.model_factory(0)
+    linear = {name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
+    assert set(names) == linear - {"classifier"} and "bert.encoder.layer.0.attention.self.key" in names
+    assert init_cost.resolve_targets(task, None) == task.target_modules
+    assert init_cost.resolve_targets(task, ["key"]) == ["key"]
+
+
+def test_the_floor_takes_no_weight_gradient_and_restores_the_model():
+    task = tiny_task()
+    model = task.model_factory(0)
+    model.train()
+    frozen = next(model.parameters())
+    frozen.requires_grad_(False)
+    with record_phases() as phases:
+        forward_backward_floor(model, task.calibration_loader(2, 4, 0))
+    assert phases["forward"] > 0 and phases["backward"] > 0
+    assert all(parameter.grad is None for parameter in model.parameters())
+    assert model.training and not frozen.requires_grad
+    assert all(parameter.requires_grad for parameter in model.parameters() if parameter is not frozen)
 
 
 @pytest.mark.parametrize(("task_type", "metric_name", "causal_lm"), [
@@ -55,3 +95,28 @@ def test_the_declared_task_type_decides_causal_lm(task_type: TaskType, metric_na
         init_cost._time_method(task, "eva", task.calibration_loader(1, 4, 0), config)
     assert seen == [causal_lm]
 
+
+
+def test_bench_init_fills_the_readme_section_from_its_json(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr("fisherlora.bench.tasks.build_task", lambda name, **options: tiny_task())
+    out = tmp_path / "init_cost_all_linear"
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- results:init_cost_all_linear:start -->\nold\n"
+                      "<!-- results:init_cost_all_linear:end -->\n")
+    argv = ["bench-init", "--methods", "lora", "--repeats", "1", "--no-epoch", "--batches", "1", "--batch-size", "4",
+            "--targets", "all-linear", "--out", str(out), "--readme", str(readme)]
+    assert main(argv) == 0
+    result = json.loads((out / "init_cost_text.json").read_text())
+    assert result["command"] == shlex.join(["fisherlora", *argv]) and result["targets"] == "all-linear"
+    assert "bert.encoder.layer.0.attention.output.dense" in result["target_modules"]
+    text = readme.read_text()
+    assert "old" not in text and text.startswith("intro\n")
+    assert result["command"] in text and format_init_cost(result) in text
+
+
+def test_bench_init_refuses_a_missing_readme_section_before_any_work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr("fisherlora.bench.tasks.build_task", lambda name, **options: pytest.fail("work started"))
+    readme = tmp_path / "README.md"
+    readme.write_text("no markers\n")
+    assert main(["bench-init", "--out", str(tmp_path / "costs"), "--readme", str(readme)]) == 2
+    assert main(["bench-init", "--targets", "all-linear,query"]) == 2

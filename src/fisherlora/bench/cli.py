@@ -70,6 +70,12 @@ def add_bench_commands(commands: Any) -> None:
     init_cost.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     init_cost.add_argument("--sketch-rank", type=int, default=64, help="k of the NAME+sketch methods")
     init_cost.add_argument("--sketch-threshold", type=int, default=256, help="sketch factors larger than this")
+    add_list_argument(init_cost, "--targets", default=None,
+                      help="LoRA target modules (names, spaces or commas) or all-linear (PEFT's spelling: every "
+                           "linear layer except the output layer or classifier head); default: the task's")
+    init_cost.add_argument("--no-floor", action="store_true", help="skip timing the forward+backward floor")
+    init_cost.add_argument("--readme", default=None,
+                           help="also fill the README section named after --out's folder with every table there")
     init_cost.set_defaults(handler=command_init_cost)
 
     report = commands.add_parser("report", help="turn RESULTS_DIR/runs.jsonl into summary.md and plots; with "
@@ -189,8 +195,17 @@ def _report_verdict(args: argparse.Namespace) -> None:
 
 
 def command_init_cost(args: argparse.Namespace) -> int:
-    from .init_cost import DEFAULT_METHODS, InitCostConfig, format_init_cost, run_init_cost
+    import shlex
 
+    from .init_cost import ALL_LINEAR, DEFAULT_METHODS, InitCostConfig, format_init_cost, run_init_cost
+    from .init_cost_readme import update_readme_init_cost
+
+    if args.targets and ALL_LINEAR in args.targets and args.targets != [ALL_LINEAR]:
+        raise ValueError(f"--targets {ALL_LINEAR} must be the only value")
+    if args.readme:
+        from .readme import require_section
+
+        require_section(Path(args.readme), Path(args.out).name)  # before any work
     if args.methods:
         # NAME+sketch is checked as NAME+sketch1: a valid name with a sketch (refused for PEFT's baselines).
         check_method_names([f"{name}1" if name.endswith(INIT_COST_SKETCH) else name for name in args.methods])
@@ -202,6 +217,10 @@ def command_init_cost(args: argparse.Namespace) -> int:
     config = InitCostConfig(task=args.task, methods=args.methods or list(DEFAULT_METHODS),
                             calibration_batches=args.batches, batch_size=args.batch_size, repeats=args.repeats,
                             reference_epoch=not args.no_epoch, sketch_rank=args.sketch_rank,
-                            sketch_threshold=args.sketch_threshold)
+                            sketch_threshold=args.sketch_threshold, floor=not args.no_floor,
+                            targets=ALL_LINEAR if args.targets == [ALL_LINEAR] else args.targets,
+                            command=shlex.join(["fisherlora", *args.argv]))
     print(format_init_cost(run_init_cost(config, args.out)))
+    if args.readme:
+        print(f"updated {update_readme_init_cost(args.readme, args.out)}")
     return 0

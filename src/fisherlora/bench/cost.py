@@ -22,9 +22,12 @@ def current_rss_bytes() -> int:
 
 @dataclass
 class PhaseCost:
-    """Attributes: seconds (wall), peak_rss_mb (peak RSS during the phase), start_rss_mb."""
+    """Attributes: seconds (wall), cpu_seconds (CPU time of this process, every thread: on a shared
+    machine it counts only the time this process ran), peak_rss_mb (peak RSS during the phase),
+    start_rss_mb."""
 
     seconds: float = 0.0
+    cpu_seconds: float = 0.0
     peak_rss_mb: float = 0.0
     start_rss_mb: float = 0.0
 
@@ -47,10 +50,12 @@ def measure(interval: float = 0.01) -> Iterator[PhaseCost]:
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     start = time.perf_counter()
+    cpu_start = time.process_time()
     try:
         yield cost
     finally:
         cost.seconds = time.perf_counter() - start
+        cost.cpu_seconds = time.process_time() - cpu_start
         stop.set()
         sampler.join()
         cost.peak_rss_mb = max(peak[0], current_rss_bytes()) / 2**20

@@ -28,6 +28,7 @@ from torch import nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from ..config import FisherConfig
+from ..phases import phase
 from ..terminal import log_line, progress_bars_wanted
 from .accumulators import LayerAccumulator
 from .errors import StatisticsError
@@ -59,13 +60,18 @@ class Recorder:
         self.records.clear()
         self.active = True
         try:
-            yield
+            with phase("forward"):
+                yield
         finally:
             self.active = False
 
     def add_forward(self, terms: LossTerms | None, examples: int, batch_index: int) -> None:
         """Add every record's input rows to `A`: those of the examples and positions with a loss term
         (`terms`; None keeps every row)."""
+        with phase("statistics"):
+            self._add_forward(terms, examples, batch_index)
+
+    def _add_forward(self, terms: LossTerms | None, examples: int, batch_index: int) -> None:
         for record in self.records:
             rows = record.rows.inputs
             row_mask = terms.rows(record.rows.leading_shape) if terms is not None else None
@@ -94,7 +100,12 @@ class Recorder:
                     "(was it called under torch.no_grad or inference_mode?)"
                 )
             edges.append(record.output_edge)
-        gradients = torch.autograd.grad(loss, edges, retain_graph=retain, allow_unused=True)
+        with phase("backward"):
+            gradients = torch.autograd.grad(loss, edges, retain_graph=retain, allow_unused=True)
+        with phase("statistics"):
+            self._add_backward(gradients, examples, batch_index)
+
+    def _add_backward(self, gradients: tuple[torch.Tensor | None, ...], examples: int, batch_index: int) -> None:
         for record, gradient in zip(self.records, gradients, strict=True):
             assert record.kept_tokens is not None
             rows = None
@@ -148,7 +159,8 @@ def _record_hook(accumulator: LayerAccumulator, recorder: Recorder):  # noqa: AN
             return
         if not isinstance(output, torch.Tensor) or not args or not isinstance(args[0], torch.Tensor):
             raise TypeError(f"module {target.name!r} did not map a tensor to a tensor; cannot record it")
-        rows = input_rows(target.weight_module, target.layer_type, args[0])
+        with phase("statistics"):
+            rows = input_rows(target.weight_module, target.layer_type, args[0])
         edge = get_gradient_edge(output) if output.requires_grad else None
         recorder.records.append(Record(accumulator, rows, edge))
 
