@@ -173,14 +173,25 @@ class FisherStats(Mapping[str, LayerStats]):
         from safetensors.torch import save_file
 
         tensors: dict[str, torch.Tensor] = {}
+        written: set[int] = set()
+
+        def stored(tensor: torch.Tensor) -> torch.Tensor:
+            # Layers reading one tensor share their `A`: safetensors refuses shared storage, so each
+            # later one is written as a copy (and loads as its own tensor).
+            result = tensor.detach().float().contiguous().cpu()
+            if result.untyped_storage().data_ptr() in written:
+                result = result.clone()
+            written.add(result.untyped_storage().data_ptr())
+            return result
+
         for name, layer in self.layers.items():
             for label in ("act_cov", "grad_cov"):
                 factor = getattr(layer, label)
                 if isinstance(factor, LowRankFactor):
-                    tensors[f"{name}::{label}::eigenvectors"] = factor.eigenvectors.detach().float().contiguous().cpu()
-                    tensors[f"{name}::{label}::eigenvalues"] = factor.eigenvalues.detach().float().contiguous().cpu()
+                    tensors[f"{name}::{label}::eigenvectors"] = stored(factor.eigenvectors)
+                    tensors[f"{name}::{label}::eigenvalues"] = stored(factor.eigenvalues)
                 else:
-                    tensors[f"{name}::{label}"] = factor.detach().float().contiguous().cpu()
+                    tensors[f"{name}::{label}"] = stored(factor)
             if layer.grad_mean is not None:
                 tensors[f"{name}::grad_mean"] = layer.grad_mean.detach().float().contiguous().cpu()
         metadata = {"fisherlora": json.dumps(self.metadata())}

@@ -34,6 +34,7 @@ from .accumulators import LayerAccumulator
 from .errors import StatisticsError
 from .layers import TokenRows, input_rows, module_weight, output_gradient_rows
 from .objective import LossTerms
+from .shared_inputs import InputKey, input_key, share_input_sums
 
 
 @dataclass
@@ -44,20 +45,34 @@ class Record:
     rows: TokenRows
     output_edge: GradientEdge | None  # None: the output is not in the autograd graph
     kept_tokens: int | None = None
+    input_key: InputKey = None  # calls with the same key read the same tensor (see shared_inputs.py)
+    layer_input: torch.Tensor | None = None  # keeps the input (and so its key) alive while recorded
     row_mask: torch.Tensor | None = None
 
 
 @dataclass
 class Recorder:
-    """The records of the current forward pass; hooks append to it while `active`."""
+    """The records of the current forward pass; hooks append to it while `active`.
 
+    Attributes:
+        accumulators: every accumulator of the pass (layers reading one tensor share `A`).
+        rows_by_input: the rows copied from each input tensor in this forward, so that layers
+            reading the same tensor copy it once.
+    """
+
+    accumulators: list[LayerAccumulator] = field(default_factory=list)
     active: bool = False
     records: list[Record] = field(default_factory=list)
+    rows_by_input: dict[InputKey, TokenRows] = field(default_factory=dict)
+
+    def clear(self) -> None:
+        self.records.clear()
+        self.rows_by_input.clear()
 
     @contextmanager
     def recording(self) -> Iterator[None]:
         """Record the layer calls of the forward pass run inside (previous records are dropped)."""
-        self.records.clear()
+        self.clear()
         self.active = True
         try:
             with phase("forward"):
@@ -72,15 +87,22 @@ class Recorder:
             self._add_forward(terms, examples, batch_index)
 
     def _add_forward(self, terms: LossTerms | None, examples: int, batch_index: int) -> None:
+        adding = share_input_sums(self.accumulators, self.records)
+        kept_by_input: dict[InputKey, tuple[torch.Tensor, torch.Tensor | None]] = {}
         for record in self.records:
-            rows = record.rows.inputs
-            row_mask = terms.rows(record.rows.leading_shape) if terms is not None else None
-            if row_mask is not None:
-                row_mask = row_mask.to(rows.device)
-                rows = rows[row_mask]
-            record.accumulator.add_inputs(rows, examples, batch_index)
+            kept = kept_by_input.get(record.input_key) if record.input_key is not None else None
+            if kept is None:
+                rows = record.rows.inputs
+                row_mask = terms.rows(record.rows.leading_shape) if terms is not None else None
+                if row_mask is not None:
+                    row_mask = row_mask.to(rows.device)
+                    rows = rows[row_mask]
+                kept = (rows, row_mask)
+                if record.input_key is not None:
+                    kept_by_input[record.input_key] = kept
+            rows, record.row_mask = kept
             record.kept_tokens = rows.shape[0]
-            record.row_mask = row_mask
+            record.accumulator.add_inputs(rows, examples, batch_index, add_to_sum=id(record.accumulator) in adding)
 
     def backward(self, loss: torch.Tensor, examples: int, batch_index: int, retain: bool) -> None:
         """`dL/dy` of every recorded output, added to `G` at the kept rows and to `M` at every row.
@@ -143,7 +165,7 @@ def collection_mode(model: nn.Module, accumulators: list[LayerAccumulator], reco
     finally:
         for handle in handles:
             handle.remove()
-        recorder.records.clear()
+        recorder.clear()
         recorder.active = False
         for parameter, flag in flags.items():
             parameter.requires_grad_(flag)
@@ -159,10 +181,15 @@ def _record_hook(accumulator: LayerAccumulator, recorder: Recorder):  # noqa: AN
             return
         if not isinstance(output, torch.Tensor) or not args or not isinstance(args[0], torch.Tensor):
             raise TypeError(f"module {target.name!r} did not map a tensor to a tensor; cannot record it")
-        with phase("statistics"):
-            rows = input_rows(target.weight_module, target.layer_type, args[0])
+        key = input_key(target.layer_type, args[0])
+        rows = recorder.rows_by_input.get(key) if key is not None else None
+        if rows is None:
+            with phase("statistics"):
+                rows = input_rows(target.weight_module, target.layer_type, args[0])
+            if key is not None:
+                recorder.rows_by_input[key] = rows
         edge = get_gradient_edge(output) if output.requires_grad else None
-        recorder.records.append(Record(accumulator, rows, edge))
+        recorder.records.append(Record(accumulator, rows, edge, input_key=key, layer_input=args[0]))
 
     return hook
 
@@ -185,7 +212,7 @@ def collect_pass(model: nn.Module, accumulators: list[LayerAccumulator], dataloa
     # Re-seeded every pass: the true Fisher draws the same labels in every pass (they depend on the
     # logits only, not on which layers are recorded), so layer groups see the same gradients.
     generator = torch.Generator().manual_seed(config.seed)
-    recorder = Recorder()
+    recorder = Recorder(accumulators=list(accumulators))
     batches = 0
     total = config.num_batches
     if total is None and hasattr(dataloader, "__len__"):
@@ -201,7 +228,7 @@ def collect_pass(model: nn.Module, accumulators: list[LayerAccumulator], dataloa
             # islice, not a break after the last batch: the loader reads no batch beyond it.
             for batch_index, batch in enumerate(itertools.islice(dataloader, config.num_batches)):
                 step(model, move_to(batch, device), recorder, generator, batch_index)
-                recorder.records.clear()
+                recorder.clear()
                 batches += 1
                 progress.update(1)
         finally:

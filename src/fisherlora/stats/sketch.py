@@ -180,6 +180,10 @@ class NystromSketch:
         self.sketch.addmm_(rows.T, rows @ self.test_matrix())
         self.trace += rows.double().square().sum()
 
+    def finite(self) -> bool:
+        """False once a non-finite row was added (it makes the trace inf or NaN)."""
+        return bool(torch.isfinite(self.trace))
+
     def reduce_tensors(self) -> list[torch.Tensor]:
         return [self.sketch, self.trace]
 
