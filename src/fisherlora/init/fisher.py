@@ -12,7 +12,8 @@ from typing import ClassVar, Literal
 import torch
 
 from ..config import check_literals
-from ..stats.linalg import balanced_directions, balanced_factors, top_eigenvectors
+from ..stats.linalg import balanced_directions, balanced_factors
+from ..stats.top_r import top_singular_triplets
 from .catalog import KRONECKER_AND_GRADIENT
 from .registry import LayerGeometry, register_initializer
 from .weight_only import singular_triplet_factors
@@ -72,12 +73,16 @@ def fisher_weight_factors(weight: torch.Tensor, geometry: LayerGeometry,
     """The best rank-r approximation of `W` in the Fisher norm, `G^-1/2 U_r S_r V_r^T A^-1/2` with
     `U S V^T = svd(G^1/2 W A^1/2)` (Eckart-Young in whitened coordinates), in factored form.
 
+    Computed with any square roots `R R^T` of the damped factors (Cholesky factors, see
+    `linalg.Whitening`): with `U S V^T = svd(R_G^T W R_A)`, the product `R_G^-T U_r S_r V_r^T R_A^-1`
+    and the singular values are the same for every choice of roots.
+
     Returns:
-        `left = G^-1/2 U_r` `(d_out, r)`, `S_r` `(r,)`, `right = A^-1/2 V_r` `(d_in, r)`, float64.
+        `left = R_G^-T U_r` `(d_out, r)`, `S_r` `(r,)`, `right = R_A^-T V_r` `(d_in, r)`, float64, with
+        `left diag(S_r) right^T` the approximation.
     """
-    grad_roots, act_roots = geometry.grad_roots, geometry.act_roots
-    left, values, right_transposed = torch.linalg.svd(grad_roots.root @ weight @ act_roots.root, full_matrices=False)
-    return grad_roots.inverse_root @ left[:, :rank], values[:rank], act_roots.inverse_root @ right_transposed[:rank].T
+    left, values, right = top_singular_triplets(geometry.whitened_weight(weight), rank)
+    return geometry.grad_whitening.solve_transpose(left), values, geometry.act_whitening.solve_transpose(right)
 
 
 def natural_gradient_factors(geometry: LayerGeometry, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -85,17 +90,20 @@ def natural_gradient_factors(geometry: LayerGeometry, rank: int) -> tuple[torch.
 
     `U S V^T = svd(G^-1/2 M A^-1/2)` (damped factors): `R` is the best rank-r approximation, in the
     Fisher norm, of the natural-gradient direction `G^-1 M A^-1` (K-FAC, Martens & Grosse 2015).
+    Computed with Cholesky factors `R R^T` of the damped factors as `svd(R_G^-1 M R_A^-T)` (the same
+    `R` and singular values for every choice of roots, see `linalg.Whitening`).
 
     Returns:
-        `left = G^-1/2 U_r` `(d_out, r)`, `S_r` `(r,)`, `right = A^-1/2 V_r` `(d_in, r)`, float64.
+        `left = R_G^-T U_r` `(d_out, r)`, `S_r` `(r,)`, `right = R_A^-T V_r` `(d_in, r)`, float64, with
+        `left diag(S_r) right^T = R`.
     """
-    grad_roots, act_roots = geometry.grad_roots, geometry.act_roots
     grad_mean = geometry.stats.grad_mean
     if grad_mean is None:  # run_initializer refuses this earlier, naming the module
         raise ValueError("the natural gradient needs grad_mean (collect with collect_grad_mean=True)")
-    whitened = grad_roots.inverse_root @ grad_mean.to(grad_roots.inverse_root.dtype) @ act_roots.inverse_root
-    left, values, right_transposed = torch.linalg.svd(whitened, full_matrices=False)
-    return grad_roots.inverse_root @ left[:, :rank], values[:rank], act_roots.inverse_root @ right_transposed[:rank].T
+    grad_whitening, act_whitening = geometry.grad_whitening, geometry.act_whitening
+    whitened = act_whitening.solve(grad_whitening.solve(grad_mean.double()).T).T
+    left, values, right = top_singular_triplets(whitened, rank)
+    return grad_whitening.solve_transpose(left), values, act_whitening.solve_transpose(right)
 
 
 @register_initializer(
@@ -122,7 +130,7 @@ def fisher_select(weight: torch.Tensor, geometry: LayerGeometry | None, rank: in
     input_sensitivity = ((right_transposed @ geometry.damped_act_cov) * right_transposed).sum(dim=1)
     scores = singular_values.square() * output_sensitivity * input_sensitivity
     chosen = torch.argsort(scores, descending=True)[:rank]
-    return singular_triplet_factors(weight, chosen, scaling)
+    return singular_triplet_factors(weight, chosen, scaling, svd=(left, singular_values, right_transposed))
 
 
 @register_initializer(
@@ -135,8 +143,8 @@ def fisher_eig(weight: torch.Tensor, geometry: LayerGeometry | None, rank: int, 
                options: object) -> tuple[torch.Tensor, torch.Tensor]:
     geometry = require_geometry(geometry)
     assert isinstance(options, FisherEigOptions)
-    _, output_directions = top_eigenvectors(geometry.stats.grad_cov, rank)  # (d_out, r)
-    _, input_directions = top_eigenvectors(geometry.stats.act_cov, rank)  # (d_in, r)
+    _, output_directions = geometry.top_grad_eigenpairs(rank)  # (d_out, r)
+    _, input_directions = geometry.top_act_eigenpairs(rank)  # (d_in, r)
     output_directions = output_directions.to(weight.dtype)
     input_directions = input_directions.to(weight.dtype)
     if options.scale == "unit":

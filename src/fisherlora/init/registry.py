@@ -4,63 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from functools import cached_property
 from typing import Any
 
 import torch
 
 from ..config import FisherConfig
-from ..stats.container import DenseLayerStats, LayerStats
-from ..stats.linalg import FactorRoots, damp, fisher_norm_squared, symmetric_roots
-from ..stats.sketch import LowRankFactor
+from ..stats.container import LayerStats
+from ..stats.linalg import low_rank_fisher_norm_squared
 from .catalog import CATALOG, KRONECKER, Family, MethodEntry, Statistic, add_entry, ordered_entries
-
-
-class LayerGeometry:
-    """A layer's statistics with its damped factors and their roots computed once, on demand.
-
-    Dense or sketched (`LowRankFactor`) statistics: initializers see `stats` with dense factors,
-    formed only when they ask for them, one layer at a time; the roots of a sketched factor are
-    `U f(lambda + delta) U^T + f(tail + delta) (I - U U^T)` (no `d x d` eigendecomposition).
-
-    Attributes:
-        source: the `LayerStats` as given (dense or sketched, on any device).
-        damping: relative damping applied to both factors.
-        device: where the matrices are formed (the weight's device); None: where the statistics are.
-    """
-
-    def __init__(self, stats: LayerStats, damping: float, device: torch.device | str | None = None) -> None:
-        self.source = stats
-        self.damping = damping
-        self.device = device
-
-    @cached_property
-    def stats(self) -> DenseLayerStats:
-        """The statistics with dense factors on `device` (the given object itself when it already is)."""
-        return self.source.dense(self.device)
-
-    def _roots(self, factor: torch.Tensor | LowRankFactor) -> FactorRoots:
-        if isinstance(factor, LowRankFactor):
-            return factor.roots(self.damping, self.device)
-        return symmetric_roots(factor if self.device is None else factor.to(self.device), self.damping)
-
-    @cached_property
-    def act_roots(self) -> FactorRoots:
-        """Roots of the damped `A`, `(d_in, d_in)` float64."""
-        return self._roots(self.source.act_cov)
-
-    @cached_property
-    def grad_roots(self) -> FactorRoots:
-        """Roots of the damped `G`, `(d_out, d_out)` float64."""
-        return self._roots(self.source.grad_cov)
-
-    @cached_property
-    def damped_act_cov(self) -> torch.Tensor:
-        return damp(self.stats.act_cov.double(), self.damping)[0]
-
-    @cached_property
-    def damped_grad_cov(self) -> torch.Tensor:
-        return damp(self.stats.grad_cov.double(), self.damping)[0]
+from .geometry import FactorCache, LayerGeometry
 
 
 @dataclass
@@ -80,6 +32,33 @@ class InitResult:
     residual: torch.Tensor
     captured_energy: float | None = None
     damping_added: tuple[float, float] | None = None
+
+
+@dataclass
+class LayerFactors:
+    """Adapter factors for one layer, before the residual is formed (small: `r (d_out + d_in)` floats).
+
+    Attributes:
+        lora_a: `(r, d_in)` float32 holding exact values of the adapter's dtype.
+        lora_b: `(d_out, r)`, likewise.
+        scaling: LoRA scaling `s`.
+        preserves_function: the residual is `W - s B A` (else `W`).
+        captured_energy, damping_added: as in `InitResult`.
+    """
+
+    lora_a: torch.Tensor
+    lora_b: torch.Tensor
+    scaling: float
+    preserves_function: bool
+    captured_energy: float | None = None
+    damping_added: tuple[float, float] | None = None
+
+    def residual(self, weight: torch.Tensor) -> torch.Tensor:
+        """`W - s B A` `(d_out, d_in)` float32 (formed in float64), or `W` for a method that keeps it."""
+        matrix = weight.detach().double()
+        if not self.preserves_function:
+            return matrix.float()
+        return (matrix - self.scaling * (self.lora_b.double() @ self.lora_a.double())).float()
 
 
 InitFunction = Callable[[torch.Tensor, LayerGeometry | None, int, float, Any], tuple[torch.Tensor, torch.Tensor]]
@@ -160,7 +139,7 @@ def get_initializer(name: str) -> MethodEntry:
     return INITIALIZERS[name]
 
 
-def run_initializer(
+def compute_factors(
     method: str,
     weight: torch.Tensor,
     stats: LayerStats | None,
@@ -169,8 +148,10 @@ def run_initializer(
     config: FisherConfig,
     module_name: str = "<layer>",
     factor_dtype: torch.dtype = torch.float32,
-) -> InitResult:
-    """Validate the inputs, run one initializer, and return factors plus residual in float32.
+    cache: FactorCache | None = None,
+) -> LayerFactors:
+    """Validate the inputs, run one initializer, and return its factors (the residual is formed later,
+    one layer at a time: `LayerFactors.residual`).
 
     Args:
         method: registered initializer name.
@@ -183,11 +164,12 @@ def run_initializer(
         module_name: named in error messages.
         factor_dtype: dtype the adapter stores `A` and `B` in (e.g. bfloat16): the factors are rounded
             to it before the residual is formed.
+        cache: work on factors shared by several layers (see `FactorCache`), kept across calls.
 
     Returns:
-        `InitResult` with `residual + s * B @ A == W` up to float32 rounding of the residual (the
-        factors are exact values of `factor_dtype`, held in float32) for a function-preserving method;
-        `residual == W` for one that is not (its adapter is a real step away from `W`).
+        `LayerFactors`; its `residual(W)` gives `residual + s * B @ A == W` up to float32 rounding of
+        the residual (the factors are exact values of `factor_dtype`, held in float32) for a
+        function-preserving method, and `W` for one that is not (its adapter is a real step away).
 
     Raises:
         ValueError: unknown method, bad shapes or rank, missing statistics, or inputs the method
@@ -222,7 +204,7 @@ def run_initializer(
             raise ValueError(
                 f"method {method!r} needs grad_mean for module {module_name!r}: collect with collect_grad_mean=True"
             )
-        geometry = LayerGeometry(stats, config.damping, device=weight.device)
+        geometry = LayerGeometry(stats, config.damping, device=weight.device, cache=cache)
     matrix = weight.detach().double()
     assert initializer.function is not None
     try:
@@ -239,19 +221,34 @@ def run_initializer(
     # The residual is formed from the factors as they will be stored (factor_dtype), so that
     # residual + s * B @ A reproduces W to the rounding of the residual alone.
     lora_a, lora_b = lora_a.to(factor_dtype).float(), lora_b.to(factor_dtype).float()
-    product = scaling * lora_b.double() @ lora_a.double()
-    residual = matrix - product if initializer.preserves_function else matrix
     captured = None
     damping_added = None
     if geometry is not None:
-        grad_root, act_root = geometry.grad_roots.root, geometry.act_roots.root
-        total = fisher_norm_squared(matrix, grad_root, act_root)
-        captured = fisher_norm_squared(product, grad_root, act_root) / total if total > 0 else 0.0
-        damping_added = (geometry.act_roots.damping_added, geometry.grad_roots.damping_added)
-    return InitResult(
-        lora_a=lora_a.float(),
-        lora_b=lora_b.float(),
-        residual=residual.float(),
-        captured_energy=captured,
-        damping_added=damping_added,
-    )
+        total = geometry.fisher_norm_squared(matrix)
+        dense = geometry.stats
+        held = low_rank_fisher_norm_squared(scaling * lora_b, lora_a, dense.grad_cov, dense.act_cov, config.damping)
+        captured = held / total if total > 0 else 0.0
+        damping_added = geometry.damping_added
+    return LayerFactors(lora_a=lora_a, lora_b=lora_b, scaling=scaling,
+                        preserves_function=initializer.preserves_function, captured_energy=captured,
+                        damping_added=damping_added)
+
+
+def run_initializer(
+    method: str,
+    weight: torch.Tensor,
+    stats: LayerStats | None,
+    rank: int,
+    scaling: float,
+    config: FisherConfig,
+    module_name: str = "<layer>",
+    factor_dtype: torch.dtype = torch.float32,
+) -> InitResult:
+    """`compute_factors` and the residual: `InitResult` with `residual + s * B @ A == W` up to
+    float32 rounding for a function-preserving method, `residual == W` for one that is not.
+
+    Raises: as `compute_factors`.
+    """
+    factors = compute_factors(method, weight, stats, rank, scaling, config, module_name, factor_dtype)
+    return InitResult(lora_a=factors.lora_a, lora_b=factors.lora_b, residual=factors.residual(weight),
+                      captured_energy=factors.captured_energy, damping_added=factors.damping_added)

@@ -8,7 +8,8 @@ from .registry import LayerGeometry, register_initializer
 
 
 def singular_triplet_factors(
-    weight: torch.Tensor, indices: torch.Tensor, scaling: float
+    weight: torch.Tensor, indices: torch.Tensor, scaling: float,
+    svd: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """PiSSA-style factors from chosen singular triplets of `W`.
 
@@ -16,11 +17,12 @@ def singular_triplet_factors(
         weight: `(d_out, d_in)`.
         indices: `(r,)` indices into the singular values (descending order).
         scaling: LoRA scaling `s`.
+        svd: `torch.linalg.svd(weight, full_matrices=False)` when the caller has it already.
 
     Returns:
         `A = sqrt(S_i / s) V_i^T` `(r, d_in)` and `B = U_i sqrt(S_i / s)` `(d_out, r)`.
     """
-    left, singular_values, right_transposed = torch.linalg.svd(weight, full_matrices=False)
+    left, singular_values, right_transposed = svd or torch.linalg.svd(weight, full_matrices=False)
     half = torch.sqrt(singular_values[indices] / scaling)
     return half[:, None] * right_transposed[indices], left[:, indices] * half
 

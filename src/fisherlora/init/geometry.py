@@ -1,0 +1,138 @@
+"""`LayerGeometry`: a layer's statistics with the work on its damped factors done once, on demand."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import cached_property
+from typing import Any
+
+import torch
+
+from ..stats.container import DenseLayerStats, LayerStats
+from ..stats.linalg import (
+    FactorRoots,
+    Whitening,
+    cholesky_whitening,
+    damp,
+    fisher_norm_squared_damped,
+    symmetric_roots,
+)
+from ..stats.sketch import LowRankFactor
+
+FactorCache = dict[tuple[int, str, float, str], tuple[torch.Tensor | LowRankFactor, Any]]
+"""Work on one factor shared by layers (the `A` of query/key/value is one tensor), keyed by the
+factor's id, the kind of work, the damping and the device; the factor is kept with it so that its id
+stays unique."""
+
+
+class LayerGeometry:
+    """A layer's statistics with the work on its damped factors done once, on demand.
+
+    Dense or sketched (`LowRankFactor`) statistics: initializers see `stats` with dense factors,
+    formed only when they ask for them, one layer at a time. Each factor's square root is its
+    Cholesky factor when dense (`linalg.Whitening`), its symmetric root when sketched
+    (`U f(lambda + delta) U^T + f(tail + delta) (I - U U^T)`, no `d x d` eigendecomposition).
+
+    Attributes:
+        source: the `LayerStats` as given (dense or sketched, on any device).
+        damping: relative damping applied to both factors.
+        device: where the matrices are formed (the weight's device); None: where the statistics are.
+        cache: work shared with other layers' geometries (see `FactorCache`), or None.
+    """
+
+    def __init__(self, stats: LayerStats, damping: float, device: torch.device | str | None = None,
+                 cache: FactorCache | None = None) -> None:
+        self.source = stats
+        self.damping = damping
+        self.device = device
+        self.cache = cache
+        self._whitened_weight: torch.Tensor | None = None
+        self._weight_of_whitened: torch.Tensor | None = None
+
+    def _shared(self, factor: torch.Tensor | LowRankFactor, kind: str, compute: Callable[[], Any]) -> Any:
+        if self.cache is None:
+            return compute()
+        key = (id(factor), kind, self.damping, str(self.device))
+        hit = self.cache.get(key)
+        if hit is not None and hit[0] is factor:
+            return hit[1]
+        value = compute()
+        self.cache[key] = (factor, value)
+        return value
+
+    @cached_property
+    def stats(self) -> DenseLayerStats:
+        """The statistics with dense factors on `device` (the given object itself when it already is)."""
+        return self.source.dense(self.device)
+
+    def _on_device(self, factor: torch.Tensor) -> torch.Tensor:
+        return factor if self.device is None else factor.to(self.device)
+
+    def _roots(self, factor: torch.Tensor | LowRankFactor) -> FactorRoots:
+        if isinstance(factor, LowRankFactor):
+            return self._shared(factor, "roots", lambda: factor.roots(self.damping, self.device))
+        return self._shared(factor, "roots", lambda: symmetric_roots(self._on_device(factor), self.damping))
+
+    def _whitening(self, factor: torch.Tensor | LowRankFactor) -> Whitening:
+        if isinstance(factor, LowRankFactor):
+            roots = self._roots(factor)
+            return Whitening(lower=None, roots=roots, damping_added=roots.damping_added)
+        return self._shared(factor, "cholesky", lambda: cholesky_whitening(self._on_device(factor), self.damping))
+
+    @cached_property
+    def act_roots(self) -> FactorRoots:
+        """Symmetric roots of the damped `A`, `(d_in, d_in)` float64 (a full eigendecomposition: the
+        initializers here use `act_whitening`)."""
+        return self._roots(self.source.act_cov)
+
+    @cached_property
+    def grad_roots(self) -> FactorRoots:
+        """Symmetric roots of the damped `G`, `(d_out, d_out)` float64 (see `act_roots`)."""
+        return self._roots(self.source.grad_cov)
+
+    @cached_property
+    def act_whitening(self) -> Whitening:
+        """A square root `R_A` of the damped `A` (Cholesky when dense)."""
+        return self._whitening(self.source.act_cov)
+
+    @cached_property
+    def grad_whitening(self) -> Whitening:
+        """A square root `R_G` of the damped `G` (Cholesky when dense)."""
+        return self._whitening(self.source.grad_cov)
+
+    def whitened_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """`R_G^T W R_A` `(d_out, d_in)` float64 for this layer's weight (computed once): its singular
+        values are those of `G^{1/2} W A^{1/2}`."""
+        if self._whitened_weight is None or weight is not self._weight_of_whitened:
+            act_side = self.act_whitening.transpose_times(weight.T.double())  # R_A^T W^T
+            self._whitened_weight = self.grad_whitening.transpose_times(act_side.T)
+            self._weight_of_whitened = weight
+        return self._whitened_weight
+
+    def fisher_norm_squared(self, delta: torch.Tensor) -> float:
+        """`||G^{1/2} dW A^{1/2}||_F^2` with the damped factors: from `whitened_weight` when `delta`
+        is the weight it was formed for, else `<G dW, dW A>` in float32 (no root; relative error
+        ~1e-6, enough for the captured-energy ratio it feeds)."""
+        if self._whitened_weight is not None and delta is self._weight_of_whitened:
+            return float(self._whitened_weight.square().sum())
+        return fisher_norm_squared_damped(delta, self.stats.grad_cov, self.stats.act_cov, self.damping,
+                                          dtype=torch.float32)
+
+    @property
+    def damping_added(self) -> tuple[float, float]:
+        """The absolute damping added to `(A, G)`: `damping * mean(diag)` of each."""
+        return (self.damping * _mean_diagonal(self.source.act_cov),
+                self.damping * _mean_diagonal(self.source.grad_cov))
+
+    @cached_property
+    def damped_act_cov(self) -> torch.Tensor:
+        return damp(self.stats.act_cov.double(), self.damping)[0]
+
+    @cached_property
+    def damped_grad_cov(self) -> torch.Tensor:
+        return damp(self.stats.grad_cov.double(), self.damping)[0]
+
+
+def _mean_diagonal(factor: torch.Tensor | LowRankFactor) -> float:
+    mean = factor.trace / factor.dim if isinstance(factor, LowRankFactor) else float(factor.diagonal().double().mean())
+    return mean if mean > 0 else 1.0

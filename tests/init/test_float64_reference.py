@@ -1,0 +1,252 @@
+"""Every Fisher initializer against the float64 path it replaced (full eigendecompositions and SVDs).
+
+The initializers now whiten with Cholesky factors, take top-`r` eigen- and singular vectors by
+checked subspace iteration, and compute the captured energy without roots. The reference below
+is the previous implementation, written out: symmetric roots `F^{+-1/2}` from a full `eigh` of each
+damped factor, full SVDs. Stated tolerance: the adapter product `s B A` (and so the residual) agrees
+to `PRODUCT_RTOL` relative (Frobenius), the captured energy to `ENERGY_RTOL`, the damping exactly.
+Statistics come from tiny models (a Llama wide enough for the subspace iteration to run, with
+query/key/value and gate/up sharing their input factor; a BERT), from random factors with a
+rank-deficient `G`, and from Nystrom sketches.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+import fisherlora as fl
+from fisherlora.init import run_initializer
+from fisherlora.init.geometry import FactorCache
+from fisherlora.init.registry import compute_factors
+from fisherlora.stats.container import LayerStats
+from fisherlora.stats.linalg import FactorRoots, fisher_norm_squared, symmetric_roots
+from fisherlora.stats.sketch import LowRankFactor
+from fisherlora.stats.top_r import top_eigenpairs, top_singular_triplets
+from models import lm_batches, text_batches, tiny_bert
+
+PRODUCT_RTOL = 1e-6
+ENERGY_RTOL = 1e-5
+RANK = 4
+SCALING = 2.0
+
+VARIANTS = {
+    "fisher_svd": None,
+    "fisher_select": None,
+    "fisher_eig": fl.FisherEigOptions(scale="projection"),
+    "fisher_eig/unit": fl.FisherEigOptions(scale="unit", gamma=0.7),
+    "fisher_grad": fl.FisherGradOptions(scale="stable"),
+    "fisher_grad/unit": fl.FisherGradOptions(scale="unit"),
+    "fisher_grad/spectrum": fl.FisherGradOptions(scale="spectrum", step=0.3),
+}
+
+
+# ------------------------------------------------------------------ the previous float64 path
+
+
+def signed(vectors: torch.Tensor) -> torch.Tensor:
+    """The sign convention of the new eigenvectors (largest-magnitude entry positive); the previous
+    path took LAPACK's, an arbitrary one that only the 'unit' rule of fisher_eig exposed."""
+    largest = vectors.abs().argmax(dim=0)
+    return vectors * torch.sign(vectors.gather(0, largest[None, :]))
+
+
+def roots(factor: torch.Tensor | LowRankFactor, damping: float) -> FactorRoots:
+    return factor.roots(damping) if isinstance(factor, LowRankFactor) else symmetric_roots(factor, damping)
+
+
+def dense(factor: torch.Tensor | LowRankFactor) -> torch.Tensor:
+    return factor.dense(torch.float64) if isinstance(factor, LowRankFactor) else factor.double()
+
+
+def balanced(left: torch.Tensor, core: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    left_q, left_r = torch.linalg.qr(left)
+    right_q, right_r = torch.linalg.qr(right)
+    core_u, core_s, core_vh = torch.linalg.svd(left_r @ torch.diag(core) @ right_r.T)
+    return left_q @ core_u, core_s, core_vh @ right_q.T  # B0, sigma, A0
+
+
+def reference(variant: str, weight: torch.Tensor, stats: LayerStats, damping: float,
+              rank: int) -> tuple[torch.Tensor, float]:
+    """`(s B A, captured energy)` of the previous implementation."""
+    method = variant.split("/")[0]
+    options = VARIANTS[variant]
+    matrix = weight.double()
+    grad, act = roots(stats.grad_cov, damping), roots(stats.act_cov, damping)
+    if method == "fisher_svd":
+        u, s, vh = torch.linalg.svd(grad.root @ matrix @ act.root, full_matrices=False)
+        product = grad.inverse_root @ u[:, :rank] @ torch.diag(s[:rank]) @ vh[:rank] @ act.inverse_root
+    elif method == "fisher_select":
+        u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+        damped_grad = dense(stats.grad_cov) + grad.damping_added * torch.eye(matrix.shape[0], dtype=torch.float64)
+        damped_act = dense(stats.act_cov) + act.damping_added * torch.eye(matrix.shape[1], dtype=torch.float64)
+        scores = s.square() * ((damped_grad @ u) * u).sum(0) * ((vh @ damped_act) * vh).sum(1)
+        chosen = torch.argsort(scores, descending=True)[:rank]
+        product = u[:, chosen] @ torch.diag(s[chosen]) @ vh[chosen]
+    elif method == "fisher_eig":
+        _, output_vectors = torch.linalg.eigh(dense(stats.grad_cov))
+        _, input_vectors = torch.linalg.eigh(dense(stats.act_cov))
+        output = signed(output_vectors.flip(1)[:, :rank])
+        inputs = signed(input_vectors.flip(1)[:, :rank])
+        if options.scale == "unit":
+            product = SCALING * options.gamma**2 * output @ inputs.T
+        else:
+            product = output @ output.T @ matrix @ inputs @ inputs.T
+    else:
+        whitened = grad.inverse_root @ stats.grad_mean.double() @ act.inverse_root
+        u, s, vh = torch.linalg.svd(whitened, full_matrices=False)
+        left, right = grad.inverse_root @ u[:, :rank], act.inverse_root @ vh[:rank].T
+        if options.scale == "spectrum":
+            product = options.step * left @ torch.diag(s[:rank]) @ right.T
+        else:
+            directions_b, _, directions_a = balanced(left, s[:rank], right)
+            factor = 1.0 if options.scale == "unit" else matrix.shape[0] ** 0.25 / options.gamma**0.5
+            product = SCALING * factor**2 * directions_b @ directions_a
+    total = fisher_norm_squared(matrix, grad.root, act.root)
+    return product, fisher_norm_squared(product, grad.root, act.root) / total
+
+
+# ------------------------------------------------------------------ statistics of tiny models
+
+
+def wide_llama():
+    """A Llama wide enough (hidden 64, MLP 96) for the top-r solvers to iterate rather than fall back."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=40, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         initializer_range=0.2)
+    return LlamaForCausalLM(config).eval()
+
+
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@pytest.fixture(scope="module")
+def llama_stats() -> tuple[torch.nn.Module, fl.FisherStats]:
+    model = wide_llama()
+    batches = lm_batches(count=4, batch_size=6, length=12, vocab=40)
+    config = fl.FisherConfig(progress=False, collect_grad_mean=True, num_batches=None)
+    return model, fl.collect_fisher(model, batches, config, target_modules=LLAMA_TARGETS)
+
+
+@pytest.fixture(scope="module")
+def bert_stats() -> tuple[torch.nn.Module, fl.FisherStats]:
+    model = tiny_bert()
+    config = fl.FisherConfig(progress=False, collect_grad_mean=True, num_batches=None)
+    targets = ["query", "key", "value", "dense", "classifier"]
+    return model, fl.collect_fisher(model, text_batches(count=3), config, target_modules=targets)
+
+
+def sketched(stats: LayerStats, rank: int) -> LayerStats:
+    """The same layer with both factors as rank-`rank` eigen-sketches plus an isotropic tail."""
+    def sketch(factor: torch.Tensor) -> LowRankFactor:
+        values, vectors = torch.linalg.eigh(factor.double())
+        return LowRankFactor(vectors[:, -rank:].flip(1).float().contiguous(), values[-rank:].flip(0).float(),
+                             float(factor.double().trace()))
+
+    return LayerStats(sketch(stats.act_cov), sketch(stats.grad_cov), stats.grad_mean, stats.num_tokens,
+                      stats.num_examples, stats.layer_type, stats.weight_shape, stats.fingerprint)
+
+
+def assert_matches_reference(variant: str, weight: torch.Tensor, stats: LayerStats, damping: float = 1e-3,
+                             cache: FactorCache | None = None) -> None:
+    method = variant.split("/")[0]
+    rank = min(RANK, *weight.shape)
+    config = fl.FisherConfig(method=method, damping=damping, options=VARIANTS[variant])
+    factors = compute_factors(method, weight, stats, rank, SCALING, config, cache=cache)
+    product = SCALING * factors.lora_b.double() @ factors.lora_a.double()
+    expected, energy = reference(variant, weight, stats, damping, rank)
+    error = float((product - expected).norm() / expected.norm())
+    assert error <= PRODUCT_RTOL, f"{variant}: relative error of s B A {error:.2e}"
+    residual = factors.residual(weight)
+    torch.testing.assert_close(residual.double(), weight.double() - expected, rtol=0,
+                               atol=PRODUCT_RTOL * float(expected.abs().max()) + 1e-6 * float(weight.abs().max()))
+    assert factors.captured_energy == pytest.approx(energy, rel=ENERGY_RTOL), variant
+    reference_grad, reference_act = roots(stats.grad_cov, damping), roots(stats.act_cov, damping)
+    assert factors.damping_added == pytest.approx((reference_act.damping_added, reference_grad.damping_added),
+                                                  rel=1e-12)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_llama_layers_match_the_float64_path(variant: str, llama_stats):
+    model, stats = llama_stats
+    cache: FactorCache = {}  # shared by the layers, as write_adapters shares it
+    for name in stats:
+        assert_matches_reference(variant, model.get_submodule(name).weight.detach(), stats[name], cache=cache)
+    shared = [key for key in cache if key[1] == "cholesky"]
+    if variant.startswith(("fisher_svd", "fisher_grad")):  # one Cholesky for the input of q/k/v, one for gate/up
+        assert len(shared) == len({id(stats[name].act_cov) for name in stats}) + len(stats)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_bert_layers_match_the_float64_path(variant: str, bert_stats):
+    model, stats = bert_stats
+    for name in stats:
+        assert_matches_reference(variant, model.get_submodule(name).weight.detach(), stats[name])
+
+
+@pytest.mark.parametrize(("variant", "seed"), itertools.product(VARIANTS, range(3)))
+def test_random_statistics_with_a_rank_deficient_g_match(variant: str, seed: int):
+    generator = torch.Generator().manual_seed(seed)
+    d_out, d_in = 72, 56
+    grad_half = torch.randn(d_out, 5, generator=generator, dtype=torch.float64)  # rank 5, like a small head
+    act_half = torch.randn(d_in, 200, generator=generator, dtype=torch.float64) * torch.linspace(2, 0.01, 200,
+                                                                                               dtype=torch.float64)
+    stats = LayerStats((act_half @ act_half.T / 200).float(), (grad_half @ grad_half.T).float(),
+                       torch.randn(d_out, d_in, generator=generator), 10, 10, "linear", (d_out, d_in))
+    weight = torch.randn(d_out, d_in, generator=generator)
+    assert_matches_reference(variant, weight, stats)
+    assert_matches_reference(variant, weight, stats, damping=1e-1)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_sketched_statistics_match(variant: str, llama_stats):
+    model, stats = llama_stats
+    for name in ("model.layers.0.mlp.down_proj", "model.layers.0.self_attn.q_proj"):
+        assert_matches_reference(variant, model.get_submodule(name).weight.detach(), sketched(stats[name], 20))
+
+
+def test_run_initializer_is_compute_factors_and_the_residual(llama_stats):
+    model, stats = llama_stats
+    name = "model.layers.0.mlp.gate_proj"
+    weight = model.get_submodule(name).weight.detach()
+    config = fl.FisherConfig(method="fisher_svd")
+    result = run_initializer("fisher_svd", weight, stats[name], RANK, SCALING, config)
+    factors = compute_factors("fisher_svd", weight, stats[name], RANK, SCALING, config)
+    assert torch.equal(result.lora_a, factors.lora_a) and torch.equal(result.lora_b, factors.lora_b)
+    assert torch.equal(result.residual, factors.residual(weight))
+
+
+@pytest.mark.parametrize("dim", [30, 200])
+def test_top_eigenpairs_match_a_full_decomposition(dim: int):
+    generator = torch.Generator().manual_seed(dim)
+    half = torch.randn(dim, dim, generator=generator, dtype=torch.float64) * torch.logspace(0, -3, dim,
+                                                                                           dtype=torch.float64)
+    factor = half @ half.T
+    values, vectors = top_eigenpairs(factor, 6)
+    full_values, full_vectors = torch.linalg.eigh(factor)
+    torch.testing.assert_close(values, full_values.flip(0)[:6], rtol=1e-10, atol=0)
+    torch.testing.assert_close(vectors, signed(full_vectors.flip(1)[:, :6]), rtol=0, atol=1e-8)
+
+
+@pytest.mark.parametrize("shape", [(90, 40), (40, 90)])
+def test_top_singular_triplets_match_a_full_svd(shape: tuple[int, int]):
+    generator = torch.Generator().manual_seed(1)
+    matrix = torch.randn(*shape, generator=generator, dtype=torch.float64)
+    left, values, right = top_singular_triplets(matrix, 5)
+    full_left, full_values, full_right = torch.linalg.svd(matrix, full_matrices=False)
+    torch.testing.assert_close(values, full_values[:5], rtol=1e-10, atol=0)
+    torch.testing.assert_close(left * values @ right.T, full_left[:, :5] * full_values[:5] @ full_right[:5],
+                               rtol=0, atol=1e-9)
+    zero_left, zero_values, _ = top_singular_triplets(torch.zeros(*shape, dtype=torch.float64), 3)
+    assert torch.equal(zero_values, torch.zeros(3)) and torch.isfinite(zero_left).all()
+
+
+def test_an_undamped_singular_factor_falls_back_to_the_eigenvalue_floor():
+    weight = torch.randn(6, 5, generator=torch.Generator().manual_seed(0))
+    stats = LayerStats(torch.diag(torch.tensor([1.0, 2.0, 0.0, 3.0, 0.5])), torch.eye(6), None, 1, 1, "linear", (6, 5))
+    assert_matches_reference("fisher_svd", weight, stats, damping=0.0)
