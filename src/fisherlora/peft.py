@@ -15,15 +15,16 @@ from torch import nn
 from .base_weight_guards import (
     check_adapter_is_alone_and_at_zero,
     shared_weight_names,
-    untie_weight,
 )
 from .config import FisherConfig
-from .init.registry import get_initializer, run_initializer
+from .init.geometry import FactorCache
+from .init.registry import compute_factors, get_initializer
 from .peft_ranks import fisher_ranks, record_ranks, resize_adapter
 from .phases import phase
 from .stats.collect import TargetLayer
 from .stats.container import FisherStats, fingerprints_match, weight_fingerprint
 from .stats.layers import check_materialized, layer_type_of, module_weight, weight_matrix
+from .writes import all_or_nothing
 
 PEFT_PREFIX = "base_model.model."
 # `torch.compile(model)` returns a wrapper holding the model as `_orig_mod`; its module names gain this part.
@@ -169,16 +170,6 @@ def _to_lora_shapes(layer: Any, adapter: str, lora_a: torch.Tensor,
     return lora_a.reshape(target_a.shape), lora_b.reshape(target_b.shape)
 
 
-def _write_residual(base: nn.Module, layer_type: str, residual: torch.Tensor) -> None:
-    weight = module_weight(base)
-    if layer_type == "conv1d":
-        new = residual.T
-    else:
-        new = residual.reshape(weight.shape)
-    with torch.no_grad():
-        weight.copy_(new.to(dtype=weight.dtype, device=weight.device))
-
-
 def check_statistics_match(stats: FisherStats, targets: list[TargetLayer]) -> None:
     """Refuse statistics collected on another model: names, shapes and weight fingerprints."""
     for target in targets:
@@ -221,13 +212,16 @@ def check_can_initialize(model: nn.Module, adapter_name: str = "default") -> lis
 def write_adapters(
     model: nn.Module, stats: FisherStats | None, config: FisherConfig, adapter_name: str = "default"
 ) -> list[LayerReport]:
-    """Compute every targeted layer's factors and residual, then write them; all or nothing.
+    """Compute every targeted layer's factors, then write them with the residuals; all or nothing.
 
-    All factors are computed before the first write, so a failing layer leaves the model intact.
-    A layer whose weight is tied to another parameter gets its own copy first (with a warning, and
-    named in its `LayerReport.untied_from`), so the other keeps `W`. With
-    `config.rank_allocation="fisher"` each adapter is re-created at its allocated rank (`peft_ranks.py`)
-    and the ranks are recorded in the adapter config's `rank_pattern`/`alpha_pattern`.
+    All factors are computed and checked before the first write (they are small); the residual
+    `W - s B A` is then formed and written one layer at a time, so memory grows by about one layer,
+    not by a copy of every targeted weight. A layer that fails while being written (out of memory,
+    an interrupt) rolls back every layer written before it, bit for bit (`writes.WriteLog`). A layer
+    whose weight is tied to another parameter gets its own copy first (with a warning, and named in
+    its `LayerReport.untied_from`), so the other keeps `W`. With `config.rank_allocation="fisher"` each
+    adapter is re-created at its allocated rank (`peft_ranks.py`) and the ranks are recorded in the
+    adapter config's `rank_pattern`/`alpha_pattern`.
     """
     initializer = get_initializer(config.method)
     targets = check_can_initialize(model, adapter_name)
@@ -240,13 +234,15 @@ def write_adapters(
     if stats is not None and config.rank_allocation == "fisher":
         ranks = fisher_ranks(targets, stats, config, adapter_name)
     planned = []
+    # A factor shared by layers (the A of query/key/value) is factorized once, and dropped after its last layer.
+    cache = FactorCache([stats.layers[target.name] for target in targets]) if stats is not None else None
     for target in targets:
         layer: Any = target.hook_module
         rank = ranks.get(target.name, int(layer.r[adapter_name]))
         scaling = float(layer.scaling[adapter_name])
         weight = weight_matrix(target.weight_module, target.layer_type)
         with phase("factorization"):
-            result = run_initializer(
+            factors = compute_factors(
                 config.method,
                 weight,
                 stats.layers[target.name] if stats is not None else None,
@@ -255,37 +251,43 @@ def write_adapters(
                 config,
                 module_name=target.name,
                 factor_dtype=layer.lora_A[adapter_name].weight.dtype,
+                cache=cache,
             )
-        planned.append((target, rank, scaling, result))
+        if cache is not None and stats is not None:
+            cache.done(stats.layers[target.name])
+        planned.append((target, rank, factors))
     tied = {name: [base_name(other) for other in others]
             for name, others in shared_weight_names(model, targets).items()}
+    peft_config = _as_any(unwrap_compiled(model)).peft_config[adapter_name]
+    with all_or_nothing() as log:
+        for target, rank, factors in planned:
+            layer = target.hook_module
+            if rank != int(layer.r[adapter_name]):
+                log.keep_adapter(layer, adapter_name)
+                resize_adapter(layer, adapter_name, rank, peft_config)
+            lora_a, lora_b = _to_lora_shapes(layer, adapter_name, factors.lora_a, factors.lora_b)
+            log.copy_into(layer.lora_A[adapter_name].weight, lora_a)
+            log.copy_into(layer.lora_B[adapter_name].weight, lora_b)
+            if not factors.preserves_function:
+                continue  # no residual: the base weight stays W
+            if target.name in tied:
+                log.untie(model, target.weight_module)
+                warnings.warn(
+                    f"module {target.name!r} shares its weight with {tied[target.name]} (tied weights): it got its "
+                    "own copy before its residual was written, so those keep W (one more weight matrix in memory; "
+                    "a tied output embedding also gets config.tie_word_embeddings = False)",
+                    stacklevel=3,
+                )
+            log.write_residual(target.weight_module, target.layer_type, factors.product)
     reports = []
     initial: InitialFactors = {}
-    peft_config = _as_any(unwrap_compiled(model)).peft_config[adapter_name]
-    for target, rank, scaling, result in planned:
-        layer = target.hook_module
-        if rank != int(layer.r[adapter_name]):
-            resize_adapter(layer, adapter_name, rank, peft_config)
-        lora_a, lora_b = _to_lora_shapes(layer, adapter_name, result.lora_a, result.lora_b)
-        with torch.no_grad():
-            parameter_a = layer.lora_A[adapter_name].weight
-            parameter_b = layer.lora_B[adapter_name].weight
-            parameter_a.copy_(lora_a.to(dtype=parameter_a.dtype, device=parameter_a.device))
-            parameter_b.copy_(lora_b.to(dtype=parameter_b.dtype, device=parameter_b.device))
-        if target.name in tied:
-            untie_weight(model, target.weight_module)
-            warnings.warn(
-                f"module {target.name!r} shares its weight with {tied[target.name]} (tied weights): it got its own "
-                "copy before its residual was written, so those keep W (one more weight matrix in memory; a tied "
-                "output embedding also gets config.tie_word_embeddings = False)",
-                stacklevel=3,
-            )
-        _write_residual(target.weight_module, target.layer_type, result.residual)
-        subtracted_b = lora_b if initializer.preserves_function else torch.zeros_like(lora_b)
+    for target, rank, factors in planned:
+        lora_a, lora_b = _to_lora_shapes(target.hook_module, adapter_name, factors.lora_a, factors.lora_b)
+        subtracted_b = lora_b if factors.preserves_function else torch.zeros_like(lora_b)
         initial[target.name] = (lora_a.detach().float().cpu().clone(), subtracted_b.detach().float().cpu().clone(),
-                                scaling)
-        reports.append(LayerReport(target.name, rank, scaling, result.captured_energy, result.damping_added,
-                                   untied_from=tied.get(target.name, [])))
+                                factors.scaling)
+        reports.append(LayerReport(target.name, rank, factors.scaling, factors.captured_energy, factors.damping_added,
+                                   untied_from=tied.get(target.name, []) if factors.preserves_function else []))
     if ranks:
         layers = [_as_any(target.hook_module) for target in targets]
         record_ranks(peft_config, {target.name: (int(layer.r[adapter_name]), float(layer.lora_alpha[adapter_name]))

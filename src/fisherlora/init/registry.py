@@ -53,12 +53,16 @@ class LayerFactors:
     captured_energy: float | None = None
     damping_added: tuple[float, float] | None = None
 
+    def product(self) -> torch.Tensor:
+        """`s B A` `(d_out, d_in)` float64."""
+        return self.scaling * (self.lora_b.double() @ self.lora_a.double())
+
     def residual(self, weight: torch.Tensor) -> torch.Tensor:
         """`W - s B A` `(d_out, d_in)` float32 (formed in float64), or `W` for a method that keeps it."""
         matrix = weight.detach().double()
         if not self.preserves_function:
             return matrix.float()
-        return (matrix - self.scaling * (self.lora_b.double() @ self.lora_a.double())).float()
+        return (matrix - self.product()).float()
 
 
 InitFunction = Callable[[torch.Tensor, LayerGeometry | None, int, float, Any], tuple[torch.Tensor, torch.Tensor]]
