@@ -14,6 +14,7 @@ from .peft import LayerReport, check_can_initialize, find_target_layers, write_a
 from .stats.collect import collect_statistics
 from .stats.container import FisherStats
 from .stats.objective import LossFn, SampleFn
+from .zero_adapters import zero_adapters_bypassed
 
 
 def collect_fisher(
@@ -56,7 +57,8 @@ def collect_fisher(
     if with_grad_mean is None:
         entry = CATALOG.get(config.method)
         with_grad_mean = entry is not None and "grad_mean" in entry.statistics_needed(config)
-    return collect_statistics(model, targets, dataloader, config, loss_fn, sample_fn, with_grad_mean)
+    with zero_adapters_bypassed(targets):
+        return collect_statistics(model, targets, dataloader, config, loss_fn, sample_fn, with_grad_mean)
 
 
 def initialize_lora_fisher(

@@ -18,6 +18,7 @@ from ..stats.linalg import (
     symmetric_roots,
 )
 from ..stats.sketch import LowRankFactor
+from ..stats.top_r import top_eigenpairs
 
 FactorCache = dict[tuple[int, str, float, str], tuple[torch.Tensor | LowRankFactor, Any]]
 """Work on one factor shared by layers (the `A` of query/key/value is one tensor), keyed by the
@@ -99,6 +100,16 @@ class LayerGeometry:
     def grad_whitening(self) -> Whitening:
         """A square root `R_G` of the damped `G` (Cholesky when dense)."""
         return self._whitening(self.source.grad_cov)
+
+    def top_act_eigenpairs(self, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The `count` leading eigenpairs of (undamped) `A`: values descending, vectors `(d_in, count)`."""
+        factor = self.source.act_cov
+        return self._shared(factor, f"top{count}", lambda: top_eigenpairs(self.stats.act_cov, count))
+
+    def top_grad_eigenpairs(self, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The `count` leading eigenpairs of (undamped) `G`: values descending, vectors `(d_out, count)`."""
+        factor = self.source.grad_cov
+        return self._shared(factor, f"top{count}", lambda: top_eigenpairs(self.stats.grad_cov, count))
 
     def whitened_weight(self, weight: torch.Tensor) -> torch.Tensor:
         """`R_G^T W R_A` `(d_out, d_in)` float64 for this layer's weight (computed once): its singular
