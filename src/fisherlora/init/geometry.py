@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from functools import cached_property
 from typing import Any
 
@@ -20,10 +20,43 @@ from ..stats.linalg import (
 from ..stats.sketch import LowRankFactor
 from ..stats.top_r import top_eigenpairs
 
-FactorCache = dict[tuple[int, str, float, str], tuple[torch.Tensor | LowRankFactor, Any]]
-"""Work on one factor shared by layers (the `A` of query/key/value is one tensor), keyed by the
-factor's id, the kind of work, the damping and the device; the factor is kept with it so that its id
-stays unique."""
+
+class FactorCache:
+    """Work on factors that several layers share (the `A` of query/key/value is one tensor), kept
+    while a layer that reads the factor is still to come and dropped after its last one, so the
+    cache never holds more than the shared factors' work.
+
+    Keyed by the factor's id, the kind of work, the damping and the device; the factor is kept with
+    its entries so that its id stays unique.
+    """
+
+    def __init__(self, layers: Iterable[LayerStats]) -> None:
+        self.readers: dict[int, int] = {}
+        for layer in layers:
+            for factor in (layer.act_cov, layer.grad_cov):
+                self.readers[id(factor)] = self.readers.get(id(factor), 0) + 1
+        self.shared = {key for key, count in self.readers.items() if count > 1}
+        self.entries: dict[tuple[int, str, float, str], tuple[torch.Tensor | LowRankFactor, Any]] = {}
+
+    def get(self, factor: torch.Tensor | LowRankFactor, kind: str, damping: float, device: Any,
+            compute: Callable[[], Any]) -> Any:
+        if id(factor) not in self.shared:  # read by one layer only: nothing to keep
+            return compute()
+        key = (id(factor), kind, damping, str(device))
+        hit = self.entries.get(key)
+        if hit is not None and hit[0] is factor:
+            return hit[1]
+        value = compute()
+        self.entries[key] = (factor, value)
+        return value
+
+    def done(self, layer: LayerStats) -> None:
+        """`layer` is finished: drop the work on the factors no later layer reads."""
+        for factor in (layer.act_cov, layer.grad_cov):
+            left = self.readers.get(id(factor), 0) - 1
+            self.readers[id(factor)] = left
+            if left <= 0:
+                self.entries = {key: value for key, value in self.entries.items() if key[0] != id(factor)}
 
 
 class LayerGeometry:
@@ -53,13 +86,7 @@ class LayerGeometry:
     def _shared(self, factor: torch.Tensor | LowRankFactor, kind: str, compute: Callable[[], Any]) -> Any:
         if self.cache is None:
             return compute()
-        key = (id(factor), kind, self.damping, str(self.device))
-        hit = self.cache.get(key)
-        if hit is not None and hit[0] is factor:
-            return hit[1]
-        value = compute()
-        self.cache[key] = (factor, value)
-        return value
+        return self.cache.get(factor, kind, self.damping, self.device, compute)
 
     @cached_property
     def stats(self) -> DenseLayerStats:
@@ -74,11 +101,26 @@ class LayerGeometry:
             return self._shared(factor, "roots", lambda: factor.roots(self.damping, self.device))
         return self._shared(factor, "roots", lambda: symmetric_roots(self._on_device(factor), self.damping))
 
+    def _damped(self, factor: torch.Tensor | LowRankFactor, dense: torch.Tensor) -> torch.Tensor:
+        """`F + damping * mean(diag F) I` `(d, d)` float64 (`dense` is `F` as a dense tensor)."""
+        return self._shared(factor, "damped", lambda: damp(dense.to(torch.float64), self.damping)[0])
+
     def _whitening(self, factor: torch.Tensor | LowRankFactor) -> Whitening:
         if isinstance(factor, LowRankFactor):
             roots = self._roots(factor)
             return Whitening(lower=None, roots=roots, damping_added=roots.damping_added)
-        return self._shared(factor, "cholesky", lambda: cholesky_whitening(self._on_device(factor), self.damping))
+        return self._shared(factor, "cholesky", lambda: cholesky_whitening(
+            self._on_device(factor), self.damping, damped=self._damped(factor, self._on_device(factor))))
+
+    @property
+    def damped_act_cov(self) -> torch.Tensor:
+        """The damped `A` `(d_in, d_in)` float64 (shared with the Cholesky factor)."""
+        return self._damped(self.source.act_cov, self.stats.act_cov)
+
+    @property
+    def damped_grad_cov(self) -> torch.Tensor:
+        """The damped `G` `(d_out, d_out)` float64 (shared with the Cholesky factor)."""
+        return self._damped(self.source.grad_cov, self.stats.grad_cov)
 
     @cached_property
     def act_roots(self) -> FactorRoots:
@@ -135,13 +177,6 @@ class LayerGeometry:
         return (self.damping * _mean_diagonal(self.source.act_cov),
                 self.damping * _mean_diagonal(self.source.grad_cov))
 
-    @cached_property
-    def damped_act_cov(self) -> torch.Tensor:
-        return damp(self.stats.act_cov.double(), self.damping)[0]
-
-    @cached_property
-    def damped_grad_cov(self) -> torch.Tensor:
-        return damp(self.stats.grad_cov.double(), self.damping)[0]
 
 
 def _mean_diagonal(factor: torch.Tensor | LowRankFactor) -> float:

@@ -229,8 +229,7 @@ def compute_factors(
     damping_added = None
     if geometry is not None:
         total = geometry.fisher_norm_squared(matrix)
-        dense = geometry.stats
-        held = low_rank_fisher_norm_squared(scaling * lora_b, lora_a, dense.grad_cov, dense.act_cov, config.damping)
+        held = low_rank_fisher_norm_squared(scaling * lora_b, lora_a, geometry.damped_grad_cov, geometry.damped_act_cov)
         captured = held / total if total > 0 else 0.0
         damping_added = geometry.damping_added
     return LayerFactors(lora_a=lora_a, lora_b=lora_b, scaling=scaling,

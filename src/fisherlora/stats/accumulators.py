@@ -192,7 +192,9 @@ class LayerAccumulator:
         grad_mean = None
         if self.grad_mean_sum is not None:
             grad_mean = self.grad_mean_sum.div_(max(self.examples_backward, 1))
-        for label, statistic in (("act_cov", act_cov), ("grad_cov", grad_cov), ("grad_mean", grad_mean)):
+        # A sum of outer products x x^T has |F_ij| <= sqrt(F_ii F_jj): its diagonal is finite iff all of it is.
+        checks = (("act_cov", _diagonal_of(act_cov)), ("grad_cov", _diagonal_of(grad_cov)), ("grad_mean", grad_mean))
+        for label, statistic in checks:
             if not _finite(statistic):
                 raise StatisticsError(f"statistic {label} of module {self.name!r} is not finite")
         if device is not None:
@@ -209,6 +211,10 @@ class LayerAccumulator:
             weight_shape=(int(weight.shape[0]), int(weight.shape[1])),
             fingerprint=weight_fingerprint(weight),
         )
+
+
+def _diagonal_of(factor: torch.Tensor | LowRankFactor) -> torch.Tensor | LowRankFactor:
+    return factor.diagonal() if isinstance(factor, torch.Tensor) else factor
 
 
 def _finite(statistic: torch.Tensor | LowRankFactor | None) -> bool:

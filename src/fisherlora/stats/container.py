@@ -28,7 +28,7 @@ def weight_fingerprint(weight: torch.Tensor) -> list[float]:
     matrix = weight.detach().double().reshape(weight.shape[0], -1)
     rows = torch.arange(1, matrix.shape[0] + 1, dtype=torch.float64, device=matrix.device)
     cols = torch.cos(torch.arange(matrix.shape[1], dtype=torch.float64, device=matrix.device))
-    weighted = float((rows[:, None] * matrix * cols[None, :]).sum())
+    weighted = float(rows @ (matrix @ cols))  # sum_ij rows_i W_ij cols_j, without a (d_out, d_in) temporary
     return [float(matrix.sum()), float(matrix.norm()), weighted]
 
 

@@ -196,13 +196,19 @@ def upper_triangular_times(upper: torch.Tensor, matrix: torch.Tensor, block: int
     return result
 
 
-def cholesky_whitening(factor: torch.Tensor, damping: float) -> Whitening:
+def cholesky_whitening(factor: torch.Tensor, damping: float, damped: torch.Tensor | None = None) -> Whitening:
     """`Whitening` of a dense PSD factor: the Cholesky factor of `F + damping * mean(diag F) I` in float64.
 
     A damped factor is positive definite; one that is not numerically (no damping and a singular
     factor) falls back to the symmetric roots with their eigenvalue floor (`symmetric_roots`).
+
+    Args:
+        factor: `F` `(d, d)`. damping: relative damping (see `damp`).
+        damped: `damp(F.double(), damping)[0]` when the caller has it already.
     """
-    damped, amount = damp(factor.double(), damping)
+    amount = damping * _mean_diagonal(factor)
+    if damped is None:
+        damped = damp(factor.double(), damping)[0]
     lower, info = torch.linalg.cholesky_ex(damped)  # reads the lower triangle (the sums are symmetric)
     if int(info) == 0:
         return Whitening(lower=lower, roots=None, damping_added=amount)
@@ -226,18 +232,16 @@ def fisher_norm_squared_damped(delta: torch.Tensor, grad_cov: torch.Tensor, act_
     return float((left.double() * right.double()).sum())
 
 
-def low_rank_fisher_norm_squared(lora_b: torch.Tensor, lora_a: torch.Tensor, grad_cov: torch.Tensor,
-                                 act_cov: torch.Tensor, damping: float) -> float:
-    """`||G^{1/2} B A_l A^{1/2}||_F^2 = tr((B^T G B)(A_l A A_l^T))` with damped `G`, `A`, in `O(d^2 r)`.
+def low_rank_fisher_norm_squared(lora_b: torch.Tensor, lora_a: torch.Tensor, damped_grad_cov: torch.Tensor,
+                                 damped_act_cov: torch.Tensor) -> float:
+    """`||G^{1/2} B A_l A^{1/2}||_F^2 = tr((B^T G B)(A_l A A_l^T))` in `O(d^2 r)`, float64.
 
     Args:
-        lora_b: `(d_out, r)`. lora_a: `(r, d_in)`. grad_cov, act_cov: `G`, `A` (undamped).
+        lora_b: `(d_out, r)`. lora_a: `(r, d_in)`. damped_grad_cov, damped_act_cov: the damped `G`, `A`.
     """
     lora_b, lora_a = lora_b.double(), lora_a.double()
-    grad_amount = damping * _mean_diagonal(grad_cov)
-    act_amount = damping * _mean_diagonal(act_cov)
-    output_gram = lora_b.T @ (grad_cov.double() @ lora_b) + grad_amount * (lora_b.T @ lora_b)
-    input_gram = (lora_a @ act_cov.double()) @ lora_a.T + act_amount * (lora_a @ lora_a.T)
+    output_gram = lora_b.T @ (damped_grad_cov.double() @ lora_b)
+    input_gram = (lora_a @ damped_act_cov.double()) @ lora_a.T
     return float((output_gram * input_gram).sum())
 
 
