@@ -15,7 +15,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 import fisherlora as fl
-from fisherlora.peft import adapter_is_zero
+from fisherlora.base_weight_guards import adapter_at_zero
+from fisherlora.peft import find_target_layers
 from fisherlora.writes import WriteLog
 from models import TinyCNN, image_batches, lm_batches, tiny_gpt2, tiny_llama
 
@@ -45,14 +46,17 @@ class Injected(RuntimeError):
     pass
 
 
+@pytest.mark.parametrize("allocation", ["uniform", "fisher"])
 @pytest.mark.parametrize("failure", [Injected, KeyboardInterrupt])
 @pytest.mark.parametrize("case", CASES)
-def test_a_failing_layer_rolls_back_every_written_layer(case: str, failure: type[BaseException],
+def test_a_failing_layer_rolls_back_every_written_layer(case: str, failure: type[BaseException], allocation: str,
                                                         monkeypatch: pytest.MonkeyPatch):
     factory, targets, batches = CASES[case]
     torch.manual_seed(0)
     model = get_peft_model(factory(), LoraConfig(r=2, lora_alpha=4, target_modules=targets))
-    config = fl.FisherConfig(method="fisher_svd", progress=False, num_batches=None)
+    ranks = {name: dict(module.r) for name, module in model.named_modules() if hasattr(module, "lora_A")}
+    # "fisher": ranks re-allocated, so adapters are re-created at other ranks before they are written.
+    config = fl.FisherConfig(method="fisher_svd", progress=False, num_batches=None, rank_allocation=allocation)
     stats = fl.collect_fisher(model, batches(), config)
     before = snapshot(model)
     head = model.base_model.model.lm_head.base_layer if case.startswith("llama") else None
@@ -72,12 +76,15 @@ def test_a_failing_layer_rolls_back_every_written_layer(case: str, failure: type
         fl.initialize_lora_fisher(model, stats, config)
     assert len(written) == len(stats) - 1 >= 2
     assert_identical(model, before)
+    assert ranks == {name: dict(module.r) for name, module in model.named_modules() if hasattr(module, "lora_A")}
     if head is not None:
         assert head.weight is model.get_input_embeddings().weight
         assert model.base_model.model.config.tie_word_embeddings
     monkeypatch.setattr(WriteLog, "write_residual", original)
     fl.initialize_lora_fisher(model, stats, config)  # the intact model initializes normally
-    assert not adapter_is_zero(model)
+    if allocation == "fisher":
+        assert ranks != {name: dict(module.r) for name, module in model.named_modules() if hasattr(module, "lora_A")}
+    assert not all(adapter_at_zero(target.hook_module, "default") for target in find_target_layers(model))
 
 
 def test_rollback_restores_entries_that_do_not_round_trip():

@@ -34,8 +34,8 @@ def layer_fisher_energy(weight: torch.Tensor, geometry: LayerGeometry, rank: int
     Returns:
         `E >= 0` (float).
     """
-    whitened = geometry.grad_roots.root @ weight.to(geometry.grad_roots.root.dtype) @ geometry.act_roots.root
-    values = torch.linalg.svdvals(whitened)
+    # R_G^T W R_A for Cholesky factors R R^T of the damped factors: the singular values of G^1/2 W A^1/2.
+    values = torch.linalg.svdvals(geometry.whitened_weight(weight))
     return float(values[:rank].square().sum())
 
 
