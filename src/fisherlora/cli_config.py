@@ -12,26 +12,12 @@ from __future__ import annotations
 import argparse
 import typing
 from dataclasses import MISSING, Field, fields
-from types import UnionType
-from typing import Any, Literal, get_args, get_origin
+from typing import Any
 
-from .config import FisherConfig
+from .config import FisherConfig, field_value_type
 from .init.catalog import MethodEntry
 
 _DEST_PREFIX = "config__"
-
-
-def _value_type(field_type: Any) -> tuple[Any, tuple[Any, ...] | None, bool]:
-    """`(converter, choices, optional)` for a field's annotation (`X | None` is optional)."""
-    optional = False
-    if get_origin(field_type) in (typing.Union, UnionType):
-        members = [member for member in get_args(field_type) if member is not type(None)]
-        optional = len(members) < len(get_args(field_type))
-        field_type = members[0]
-    if get_origin(field_type) is Literal:
-        choices = get_args(field_type)
-        return type(choices[0]), choices, optional
-    return field_type, None, optional
 
 
 def _converter(base: Any, optional: bool) -> Any:
@@ -83,7 +69,7 @@ def add_fisher_arguments(parser: argparse.ArgumentParser, entries: list[MethodEn
 
 def _add_typed(parser: Any, item: Field[Any], field_type: Any, flag: str, dest: str, default: Any,
                show_default: Any) -> None:
-    base, choices, optional = _value_type(field_type)
+    base, choices, optional = field_value_type(field_type)
     help_text = item.metadata.get("help", "")
     help_text = f"{help_text} (default: {show_default})" if help_text else f"default: {show_default}"
     if base is bool:

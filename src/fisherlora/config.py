@@ -13,8 +13,11 @@ and run identity (`identity`, `neutral`): see `identity_fields`.
 
 from __future__ import annotations
 
+import math
+import typing
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
-from typing import Any, Literal, get_args
+from types import UnionType
+from typing import Any, Literal, get_args, get_origin
 
 FisherType = Literal["empirical", "true"]
 LossReduction = Literal["sum", "mean"]
@@ -31,13 +34,65 @@ def check_choice(owner: str, field_name: str, value: Any, choices: tuple[Any, ..
 
 def check_literals(instance: Any) -> None:
     """Check every `Literal`-typed field of a dataclass instance against its allowed values."""
-    import typing
-
     hints = typing.get_type_hints(type(instance))
     for item in fields(instance):
         hint = hints.get(item.name)
         if typing.get_origin(hint) is Literal:
             check_choice(type(instance).__name__, item.name, getattr(instance, item.name), get_args(hint))
+
+
+def field_value_type(field_type: Any) -> tuple[Any, tuple[Any, ...] | None, bool]:
+    """`(base type, choices, optional)` of a dataclass field's annotation: a `Literal` gives its values
+    as the choices (and their type as the base), `X | None` is optional."""
+    optional = False
+    if get_origin(field_type) in (typing.Union, UnionType):
+        members = [member for member in get_args(field_type) if member is not type(None)]
+        optional = len(members) < len(get_args(field_type))
+        field_type = members[0]
+    if get_origin(field_type) is Literal:
+        choices = get_args(field_type)
+        return type(choices[0]), choices, optional
+    return field_type, None, optional
+
+
+_TRUE_WORDS, _FALSE_WORDS = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+def field_from_text(owner: type, name: str, text: str) -> Any:
+    """The value of field `name` of the dataclass `owner`, written as `text` (e.g. in a benchmark
+    method name): one of a `Literal`'s values, an int, a finite float, a bool (true/false, yes/no,
+    on/off, 1/0) or a str; `none` for a field that may be None.
+
+    Raises:
+        ValueError: `owner` has no such field (the message lists its fields), or `text` is not a value
+            of the field's type (the message gives the allowed values or the type).
+    """
+    hints = typing.get_type_hints(owner)
+    known = [item.name for item in fields(owner) if item.init]
+    if name not in known:
+        raise ValueError(f"{owner.__name__} has no field {name!r} (known: {', '.join(known)})")
+    base, choices, optional = field_value_type(hints[name])
+    if optional and text.lower() == "none":
+        return None
+    allowed = (" or ".join(repr(choice) for choice in choices) if choices is not None
+               else {bool: "true or false", int: "an integer", float: "a finite number", str: "text"}.get(base))
+    if allowed is None:
+        raise ValueError(f"{owner.__name__}.{name} ({base}) cannot be given as text")
+    allowed += " or none" if optional else ""
+    value: Any = None
+    if base is bool:
+        if text.lower() in _TRUE_WORDS + _FALSE_WORDS:
+            value = text.lower() in _TRUE_WORDS
+    else:
+        try:
+            value = base(text)
+        except ValueError:
+            pass
+        if isinstance(value, float) and not math.isfinite(value):
+            value = None
+    if value is None or (choices is not None and value not in choices):
+        raise ValueError(f"{owner.__name__}.{name} must be {allowed}, got {text!r}")
+    return value
 
 
 def identity_fields(config: Any) -> dict[str, Any]:

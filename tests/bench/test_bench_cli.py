@@ -78,6 +78,8 @@ def test_malformed_values_are_usage_errors(argv: list[str], message: str, capsys
     (["bench", "--methods", "pissa@true"], "'pissa@true'"),
     (["bench", "--methods", "fisher_svd@bogus"], "'fisher_svd@bogus'"),
     (["bench", "--methods", "fisher_svd+sketch"], "+sketchK"),
+    (["bench", "--methods", "fisher_zero+source=gradiant"], "'weight' or 'natural_gradient' or 'gradient'"),
+    (["bench-init", "--methods", "lora+source=gradient"], "'lora' takes no options"),
     (["bench", "--model", "m", "--data", "d.csv", "--methods", "lora,nope"], "'nope'"),
     (["bench", "--methods", "lora", "--tasks", "text,nope"], "['nope']"),
     (["bench-init", "--methods", "fisher_svd,nope"], "'nope'"),
@@ -94,7 +96,8 @@ def test_unknown_names_exit_non_zero_with_the_known_names_before_any_work(
 
 
 def test_bench_init_accepts_the_names_bench_accepts(tmp_path: Path, no_work: dict):
-    names = "lora,pissa+linear,fisher_svd@true,fisher_grad+sketch64,fisher_eig+sketch64@true,fisher_svd+sketch"
+    names = ("lora,pissa+linear,fisher_svd@true,fisher_grad+sketch64,fisher_eig+sketch64@true,"
+             "fisher_zero+source=gradient+alloc,fisher_svd+sketch")
     with pytest.raises(WorkStarted):
         main(["bench-init", "--methods", names, "--no-epoch"])
     config = no_work["run_init_cost"][0][0]

@@ -161,6 +161,15 @@ def test_eval_specs_refuse_naming_every_method_without_a_bracketed_lr() -> None:
         eval_specs(_preset(["lora", "fisher_select"]), runs + evaluation)
 
 
+def test_eval_specs_take_each_option_variant_at_its_own_stage_one_lr() -> None:
+    variant = "fisher_zero+source=gradient"
+    runs = (_tune("lora", BRACKETED) + _tune("fisher_zero", BRACKETED)
+            + _tune(variant, {1e-5: 0.3, 1e-4: 0.6, 1e-3: 0.5, 1e-2: 0.4}))
+    specs = eval_specs(_preset(["lora", "fisher_zero", variant]), runs, EvalStage(seeds=(100,)))
+    assert [(s.method, s.lr) for s in specs] == [("lora", 1e-3), ("fisher_zero", 1e-3), (variant, 1e-4)]
+    assert len({s.run_id() for s in specs}) == 3
+
+
 def test_eval_specs_refuse_stage_one_seeds() -> None:
     runs = _tune("lora", BRACKETED, seeds=range(3))
     with pytest.raises(ValueError, match=r"evaluation seeds \[1, 2\] were used in stage 1"):

@@ -190,3 +190,30 @@ def test_no_stage_two_runs_no_verdict(tmp_path: Path) -> None:
         results.append(run)
     assert write_verdict([tmp_path], tmp_path) is None
     assert not (tmp_path / "verdict.md").exists() and not (tmp_path / "forest.png").exists()
+
+
+def test_option_variants_are_reported_under_their_own_names(tmp_path: Path) -> None:
+    """A method name with an option suffix (`+source=gradient`: '+' and '=') goes through the
+    per-task report, the overview, the verdict, their plots and the README sections as itself."""
+    from fisherlora.cli import main
+
+    base = [0.70, 0.72, 0.71]
+    variant = "fisher_zero+source=gradient"
+    folders = []
+    for task in ("text", "vision"):
+        results = ResultsFile(tmp_path / "results" / task)
+        tests = {"lora": base, "fisher_zero": [b + 0.01 for b in base], variant: [b - 0.02 for b in base]}
+        for run in _task_runs(task, tests):
+            results.append(run)
+        folders.append(str(results.directory))
+    readme = tmp_path / "README.md"
+    readme.write_text("".join(f"<!-- results:{name}:start -->\n<!-- results:{name}:end -->\n"
+                              for name in ("text", "vision", "overview", "verdict")))
+    assert main(["report", *folders, "--readme", str(readme)]) == 0
+    verdict_text = (tmp_path / "results" / "verdict.md").read_text(encoding="utf-8")
+    assert f"| {variant} | 3 | -0.0200 [" in verdict_text and "| fisher_zero | 3 | +0.0100 [" in verdict_text
+    assert f"| {variant} |" in (tmp_path / "results" / "overview.md").read_text(encoding="utf-8")
+    for folder in folders:
+        assert f"| {variant} |" in (Path(folder) / "summary.md").read_text(encoding="utf-8")
+    assert readme.read_text(encoding="utf-8").count(f"| {variant} |") >= 4
+    assert sorted(path.name for path in (tmp_path / "results").rglob("*") if "=" in path.name) == []

@@ -4,7 +4,12 @@ A method name may carry a Fisher type: `fisher_svd@true` is `fisher_svd` with th
 a sketch: `fisher_svd+sketch64` keeps every factor wider than 64 as a rank-64 Nystrom sketch,
 a view: `pissa+linear` runs PiSSA on targeted 1x1 convolutions rewritten as `nn.Linear`, and
 Fisher rank allocation: `fisher_zero+alloc` spreads the same total rank over the layers by their
-Fisher energy (`FisherConfig.rank_allocation="fisher"`). The
+Fisher energy (`FisherConfig.rank_allocation="fisher"`), and method options: `+KEY=VALUE` sets field
+KEY of the method's options dataclass (`MethodEntry.options`, e.g. `FisherZeroOptions`) to VALUE,
+read as the field's type (a `Literal`'s values, int, float, bool as true/false, `none` where None is
+allowed): `fisher_zero+source=gradient` is `fisher_zero` with `FisherZeroOptions(source="gradient")`,
+and `fisher_step+gamma=64+alloc` combines with the other suffixes. A VALUE holds no `+` or `@`
+(write `1e3`, not `1e+3`). Suffixes may come in any order; `@FISHER` comes last. The
 methods themselves (and how each is built) are the catalogue's (`fisherlora.init.catalog`).
 """
 
@@ -16,7 +21,7 @@ from typing import Any
 
 from torch import nn
 
-from ..config import FISHER_TYPES, FisherConfig, FisherType, RankAllocation, identity_fields
+from ..config import FISHER_TYPES, FisherConfig, FisherType, RankAllocation, field_from_text, identity_fields
 from ..init.catalog import CATALOG, MethodEntry, get_method, ordered_entries
 from ..peft_baselines import AdapterSpec, build_lora_model
 from .pointwise import pointwise_convs_as_linear_
@@ -24,7 +29,7 @@ from .pointwise import pointwise_convs_as_linear_
 
 @dataclass(frozen=True)
 class MethodName:
-    """A benchmark method name taken apart: ``NAME[+sketchK][+linear][+alloc][@FISHER]``.
+    """A benchmark method name taken apart: ``NAME[+sketchK][+linear][+alloc][+KEY=VALUE...][@FISHER]``.
 
     Attributes:
         name: the registered method (`pissa`, `fisher_svd`, ...).
@@ -33,6 +38,8 @@ class MethodName:
         linear_view: ``+linear``: targeted 1x1 convolutions are presented as ``nn.Linear``
             (:mod:`.pointwise`), so PEFT's linear-only initializers can run on them.
         rank_allocation: "fisher" for ``+alloc``, else "uniform".
+        options: the ``+KEY=VALUE`` suffixes as ``(KEY, VALUE)`` text pairs sorted by KEY (typed and
+            checked against the method's options dataclass by :func:`effective_config`).
     """
 
     name: str
@@ -40,21 +47,32 @@ class MethodName:
     sketch_rank: int | None = None
     linear_view: bool = False
     rank_allocation: RankAllocation = "uniform"
+    options: tuple[tuple[str, str], ...] = ()
 
 
 def parse_method(method: str) -> MethodName:
-    """``"fisher_svd+sketch64@true"`` -> ``MethodName("fisher_svd", "true", 64, False, "uniform")``.
+    """``"fisher_svd+sketch64@true"`` -> ``MethodName("fisher_svd", "true", 64, False, "uniform")``;
+    ``"fisher_zero+source=gradient"`` -> ``MethodName("fisher_zero", options=(("source", "gradient"),))``.
 
     Raises:
-        ValueError: for an unknown suffix or a malformed ``+sketchK``.
+        ValueError: for an unknown suffix, a malformed ``+sketchK`` or ``+KEY=VALUE``, or a KEY given twice.
     """
     body, _, fisher = method.partition("@")
     name, *suffixes = body.split("+")
     sketch_rank = None
     linear_view = False
     rank_allocation: RankAllocation = "uniform"
-    for suffix in suffixes:
-        if suffix == "linear":
+    options: dict[str, str] = {}
+    for index, suffix in enumerate(suffixes):
+        if "=" in suffix:
+            key, _, value = suffix.partition("=")
+            if not key or not value:
+                raise ValueError(f"method {method!r}: write a method option as +KEY=VALUE, "
+                                 "e.g. fisher_zero+source=gradient")
+            if key in options:
+                raise ValueError(f"method {method!r}: option {key!r} is given twice")
+            options[key] = value
+        elif suffix == "linear":
             linear_view = True
         elif suffix == "alloc":
             rank_allocation = "fisher"
@@ -64,11 +82,15 @@ def parse_method(method: str) -> MethodName:
                 raise ValueError(f"method {method!r}: write the sketch rank as +sketchK, e.g. fisher_svd+sketch64")
             sketch_rank = int(digits)
         else:
-            raise ValueError(f"method {method!r}: unknown suffix '+{suffix}' (known: +sketchK, +linear, +alloc)")
+            exponent = index > 0 and suffixes[index - 1][-1:] in ("e", "E") and "=" in suffixes[index - 1]
+            hint = " (a VALUE holds no '+': write 1e3, not 1e+3)" if exponent else ""
+            raise ValueError(f"method {method!r}: unknown suffix '+{suffix}' (known: +sketchK, +linear, +alloc, "
+                             f"+KEY=VALUE){hint}")
     fisher = fisher or "empirical"
     if fisher not in FISHER_TYPES:
         raise ValueError(f"method {method!r}: the suffix after '@' must be one of {FISHER_TYPES}")
-    return MethodName(name, fisher, sketch_rank, linear_view, rank_allocation)  # type: ignore[arg-type]
+    return MethodName(name, fisher, sketch_rank, linear_view, rank_allocation,  # type: ignore[arg-type]
+                      tuple(sorted(options.items())))
 
 
 def split_method(method: str) -> tuple[str, FisherType]:
@@ -112,20 +134,42 @@ def known_methods() -> list[str]:
     return [entry.name for entry in ordered_entries()]
 
 
-def effective_config(method: str, fisher_config: FisherConfig | None = None) -> tuple[MethodEntry, FisherConfig]:
-    """The catalogue entry of a benchmark method name and the `FisherConfig` it runs with (the
-    method, and the Fisher type and sketch of its suffixes, filled in).
+def method_options(method: str, entry: MethodEntry, options: Any, assignments: Sequence[tuple[str, str]]) -> Any:
+    """`options` (None: the defaults) of `entry`'s method with the ``+KEY=VALUE`` assignments of the
+    benchmark name `method` applied, each VALUE read as its field's type (`config.field_from_text`).
 
     Raises:
-        ValueError: unknown method or suffix, or a suffix the method cannot take.
+        ValueError: naming `method`: a method without options, an unknown KEY (with the known ones), a
+            VALUE its field does not take (with the allowed values), or options the method refuses.
+        TypeError: `options` of another method.
+    """
+    if not assignments:
+        return options
+    if entry.options is None:
+        raise ValueError(f"method {method!r}: {entry.name!r} takes no options, so no +KEY=VALUE suffix")
+    base = entry.resolve_options(options)
+    try:
+        return replace(base, **{key: field_from_text(entry.options, key, text) for key, text in assignments})
+    except ValueError as error:  # an unknown field, a bad value, or the options' own __post_init__ check
+        raise ValueError(f"method {method!r}: {error}") from None
+
+
+def effective_config(method: str, fisher_config: FisherConfig | None = None) -> tuple[MethodEntry, FisherConfig]:
+    """The catalogue entry of a benchmark method name and the `FisherConfig` it runs with (the
+    method, and the Fisher type, sketch, rank allocation and options of its suffixes, filled in).
+
+    Raises:
+        ValueError: unknown method or suffix, a suffix the method cannot take, or a bad option
+            (see `method_options`).
     """
     parsed = parse_method(method)
     entry = get_method(parsed.name)
     if parsed.rank_allocation != "uniform" and not entry.allows_rank_allocation:
         raise ValueError(f"method {method!r}: +alloc (Fisher rank allocation) is for this project's initializers; "
                          f"{parsed.name!r} is built by PEFT")
-    config = replace(fisher_config or FisherConfig(), method=parsed.name, fisher=parsed.fisher,
-                     rank_allocation=parsed.rank_allocation)
+    config = fisher_config or FisherConfig()
+    config = replace(config, method=parsed.name, fisher=parsed.fisher, rank_allocation=parsed.rank_allocation,
+                     options=method_options(method, entry, config.options, parsed.options))
     if not entry.statistics_needed(config) and ("@" in method or parsed.sketch_rank is not None):
         raise ValueError(f"method {method!r}: a method without Fisher statistics takes no Fisher type or sketch")
     if parsed.sketch_rank is not None:
@@ -148,7 +192,8 @@ def build_model(method: str, base: nn.Module, spec: AdapterSpec, calibration: Se
     """Wrap `base` in a PEFT LoRA model initialized by `method` (a catalogue name with suffixes).
 
     Args:
-        method: e.g. `lora`, `pissa+linear`, `fisher_svd@true`, `fisher_eig+sketch64`.
+        method: e.g. `lora`, `pissa+linear`, `fisher_svd@true`, `fisher_eig+sketch64`,
+            `fisher_zero+source=gradient`.
         base: a fresh base model (it is modified in place by residual-based methods).
         spec: rank, alpha, targets shared by every method.
         calibration: batches (`model(**batch)` with labels) seen by every data-aware method.

@@ -23,7 +23,7 @@ def check_method_names(methods: Sequence[str]) -> None:
     """
     from .baselines import effective_config, known_methods
 
-    known = f"known methods: {', '.join(known_methods())} (suffixes: @true, +sketchK, +linear)"
+    known = f"known methods: {', '.join(known_methods())} (suffixes: @true, +sketchK, +linear, +alloc, +KEY=VALUE)"
     for method in methods:
         try:
             effective_config(method)
@@ -38,7 +38,8 @@ def add_bench_commands(commands: Any) -> None:
     bench.add_argument("--preset", default="quick", choices=sorted(PRESETS))
     bench.add_argument("--out", default=None, help="results folder (default results/<preset>)")
     add_list_argument(bench, "--methods", default=None,
-                      help="subset of methods, separated by spaces or commas (e.g. lora,pissa,fisher_svd)")
+                      help="subset of methods, separated by spaces or commas (e.g. lora,pissa,fisher_svd,"
+                           "fisher_zero+source=gradient)")
     add_list_argument(bench, "--tasks", default=None, help="subset of the preset's tasks")
     add_list_argument(bench, "--seeds", int, default=None)
     add_list_argument(bench, "--lrs", float, default=None, help="replace the preset's LR grid")

@@ -22,7 +22,7 @@ from .runner import RunSpec, TrainingConfig
 
 def benchmark_methods(variants: bool = True) -> list[str]:
     """Every catalogue method, then (unless `variants=False`) every declared benchmark variant (e.g.
-    `fisher_svd@true`, `fisher_zero+alloc`)."""
+    `fisher_svd@true`, `fisher_zero+alloc`, `fisher_zero+source=gradient`)."""
     entries = ordered_entries()
     names = [entry.name for entry in entries]
     return names + [entry.name + variant for entry in entries for variant in entry.benchmark_variants] if variants \
@@ -82,7 +82,8 @@ class Preset:
     tasks: dict[str, TaskPlan]
     seeds: list[int]
     method_list: list[str] | None = None  # None: every catalogue method (`benchmark_methods(variants)`)
-    variants: bool = True  # with the catalogue's benchmark variants (`@true`, `+alloc`) when method_list is None
+    # With the catalogue's benchmark variants (`@true`, `+alloc`, `+KEY=VALUE`) when method_list is None.
+    variants: bool = True
     # Pinned rather than FisherConfig's defaults: the config is part of every run id, so a change
     # of library default (e.g. the default method, which each run overrides anyway) must not
     # make a resumed benchmark re-run finished runs.
@@ -155,7 +156,7 @@ def _presets() -> dict[str, Preset]:
                         "(minutes on 2 cores)",
             tasks={"text": TaskPlan(lrs=[3e-3], training=text_training, options=TEXT_SMALL)},
             seeds=[0],
-            # The variants (@true, +alloc) would more than double it; the protocol presets run them.
+            # The variants (@true, +alloc, +source=...) would more than double it; the protocol presets run them.
             variants=False,
         ),
         "text": Preset("text", "text task: LR grid x 3 seeds, every method", {"text": text_full}, [0, 1, 2]),

@@ -85,7 +85,8 @@ def _zero_statistics(options: FisherZeroOptions) -> tuple[Statistic, ...]:
     statistics_for=_zero_statistics,
     zero_start=True,
     options=FisherZeroOptions,
-    benchmark_variants=("+alloc",),
+    # Stage 1 runs every direction source on the text, lm and vision tasks: the default is the one it supports.
+    benchmark_variants=("+alloc", "+source=natural_gradient", "+source=gradient"),
 )
 def fisher_zero(weight: torch.Tensor, geometry: LayerGeometry | None, rank: int, scaling: float,
                 options: object) -> tuple[torch.Tensor, torch.Tensor]:
