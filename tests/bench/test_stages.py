@@ -165,7 +165,9 @@ def test_eval_specs_take_each_option_variant_at_its_own_stage_one_lr() -> None:
     variant = "fisher_zero+source=gradient"
     runs = (_tune("lora", BRACKETED) + _tune("fisher_zero", BRACKETED)
             + _tune(variant, {1e-5: 0.3, 1e-4: 0.6, 1e-3: 0.5, 1e-2: 0.4}))
-    specs = eval_specs(_preset(["lora", "fisher_zero", variant]), runs, EvalStage(seeds=(100,)))
+    # Asked for by name (by default stage 2 leaves option studies out, see below).
+    specs = eval_specs(_preset(["lora", "fisher_zero", variant]), runs, EvalStage(seeds=(100,)),
+                       methods=["lora", "fisher_zero", variant])
     assert [(s.method, s.lr) for s in specs] == [("lora", 1e-3), ("fisher_zero", 1e-3), (variant, 1e-4)]
     assert len({s.run_id() for s in specs}) == 3
 
@@ -186,6 +188,19 @@ def test_default_methods_keep_the_best_baselines_on_validation_and_every_other_m
     candidates = ["lora", "pissa", "olora", "eva", "corda", "milora", "gaussian", "fisher_svd", "fisher_eig"]
     chosen = default_methods(candidates, by_method, EvalStage(kept_baselines=3))
     assert chosen == ["lora", "pissa", "olora", "eva", "fisher_svd", "fisher_eig"]
+
+
+def test_default_methods_leave_option_studies_to_stage_one() -> None:
+    """`+KEY=VALUE` names choose a method's default in stage 1; stage 2 runs the default only,
+    while `+alloc` and `@true` variants are methods of their own and stay."""
+    runs = _tune("lora", {1e-3: 0.1, 1e-2: 0.2}) + _tune("fisher_zero+source=gradient", {1e-3: 0.9, 1e-2: 0.95})
+    by_method: dict[str, list[dict[str, Any]]] = {}
+    for run in runs:
+        by_method.setdefault(run["method"], []).append(run)
+    candidates = ["lora", "fisher_zero", "fisher_zero+source=gradient", "fisher_zero+source=gradient+alloc",
+                  "fisher_zero+alloc", "fisher_svd@true"]
+    chosen = default_methods(candidates, by_method, EvalStage(kept_baselines=3))
+    assert chosen == ["lora", "fisher_zero", "fisher_zero+alloc", "fisher_svd@true"]
 
 
 def test_bench_stage_eval_refuses_before_any_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

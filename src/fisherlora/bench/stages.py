@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .baselines import parse_method
 from .formatting import fmt_lr
 from .presets import Preset
 from .roles import is_compared
@@ -75,7 +76,12 @@ def default_methods(candidates: Sequence[str], stage_one: Mapping[str, Sequence[
                     ) -> list[str]:
     """Every candidate the verdict compares (ours and the paper baselines, :func:`.roles.is_compared`),
     the ``always_run`` baselines, and the ``kept_baselines`` other baselines (PEFT's, weight-only)
-    with the best stage-1 mean validation metric, in candidate order."""
+    with the best stage-1 mean validation metric, in candidate order.
+
+    A name with a ``+KEY=VALUE`` option (``fisher_zero+source=gradient``) is a stage-1 study of that
+    option, which picks the method's default; stage 2 runs the method with its default only (pass
+    ``--methods`` to evaluate an option value anyway)."""
+    candidates = [method for method in candidates if not parse_method(method).options]
     scored = {}
     for method in candidates:
         if not is_compared(method) and stage_one.get(method):
