@@ -14,6 +14,7 @@ rank-deficient `G`, and from Nystrom sketches.
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -22,6 +23,7 @@ import fisherlora as fl
 from fisherlora.init import geometry, run_initializer
 from fisherlora.init.geometry import FactorCache
 from fisherlora.init.registry import compute_factors
+from fisherlora.stats import top_r
 from fisherlora.stats.container import LayerStats
 from fisherlora.stats.linalg import FactorRoots, fisher_norm_squared, symmetric_roots
 from fisherlora.stats.sketch import LowRankFactor
@@ -241,10 +243,46 @@ def test_top_eigenpairs_match_a_full_decomposition(dim: int):
     torch.testing.assert_close(vectors, signed(full_vectors.flip(1)[:, :6]), rtol=0, atol=1e-8)
 
 
+def krylov_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make a fall-back to the full decomposition fail the test."""
+    def refuse(matrix: torch.Tensor, count: int):
+        raise AssertionError(f"fell back to the full eigh ({tuple(matrix.shape)}, {count} pairs)")
+    monkeypatch.setattr(top_r, "_full", refuse)
+
+
+@pytest.mark.parametrize("decay", [1e-1, 1e-3])
+def test_top_eigenpairs_iterate_at_384_wide_and_match_a_full_decomposition(decay: float,
+                                                                          monkeypatch: pytest.MonkeyPatch):
+    # The width of MiniLM's factors and Gram matrices with r = 8: the block Krylov method, not eigh.
+    generator = torch.Generator().manual_seed(384)
+    half = torch.randn(384, 384, generator=generator, dtype=torch.float64) * torch.logspace(0, math.log10(decay), 384,
+                                                                                           dtype=torch.float64)
+    factor = half @ half.T
+    assert top_r.krylov_steps(384, 8 + 4) >= 6
+    full_values, full_vectors = torch.linalg.eigh(factor)
+    krylov_only(monkeypatch)
+    values, vectors = top_eigenpairs(factor, 8)
+    torch.testing.assert_close(values, full_values.flip(0)[:8], rtol=1e-10, atol=0)
+    torch.testing.assert_close(vectors, signed(full_vectors.flip(1)[:, :8]), rtol=0, atol=1e-8)
+
+
+def test_top_eigenpairs_of_a_rank_deficient_matrix_iterate(monkeypatch: pytest.MonkeyPatch):
+    # Rank 5 < the block: the Krylov space is exhausted after one step, and the next blocks must still
+    # be orthogonal to the basis (else Rayleigh-Ritz sees a non-orthonormal basis and never converges).
+    generator = torch.Generator().manual_seed(5)
+    half = torch.randn(400, 5, generator=generator, dtype=torch.float64)
+    factor = half @ half.T
+    krylov_only(monkeypatch)
+    values, vectors = top_eigenpairs(factor, 4)
+    full_values, full_vectors = torch.linalg.eigh(factor)
+    torch.testing.assert_close(values, full_values.flip(0)[:4], rtol=1e-10, atol=0)
+    torch.testing.assert_close(vectors, signed(full_vectors.flip(1)[:, :4]), rtol=0, atol=1e-8)
+
+
 def test_top_eigenpairs_fall_back_when_the_krylov_solver_does_not_converge(monkeypatch: pytest.MonkeyPatch):
     # Two equal leading eigenvalues with a third close below: too few steps to separate them.
-    monkeypatch.setattr("fisherlora.stats.top_r._KRYLOV_STEPS", 1)
-    monkeypatch.setattr("fisherlora.stats.top_r._ROUNDS", 1)
+    monkeypatch.setattr(top_r, "krylov_steps", lambda dim, block: 1)
+    monkeypatch.setattr(top_r, "_ROUNDS", 1)
     generator = torch.Generator().manual_seed(0)
     basis = torch.linalg.qr(torch.randn(120, 120, generator=generator, dtype=torch.float64))[0]
     spectrum = torch.linspace(1.0, 0.9, 120, dtype=torch.float64)
