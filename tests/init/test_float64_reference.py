@@ -187,9 +187,13 @@ def test_llama_layers_match_the_float64_path(variant: str, llama_stats, monkeypa
         assert_matches_reference(variant, model.get_submodule(name).weight.detach(), stats[name], cache=cache)
         cache.done(stats[name])
     assert cache.entries == {}, "every entry is dropped after its factor's last layer"
-    if variant.startswith(("fisher_svd", "fisher_grad")):  # one Cholesky for the input of q/k/v, one for gate/up
+    if variant.startswith("fisher_grad"):  # one Cholesky for the input of q/k/v, one for gate/up
         distinct_inputs = {id(stats[name].act_cov) for name in stats}
         assert len(distinct_inputs) == 4 and len(factorized) == len(distinct_inputs) + len(stats)
+    if variant.startswith("fisher_svd"):  # only the narrower side's factor, once per distinct factor
+        narrow = {id(layer.act_cov if layer.weight_shape[0] >= layer.weight_shape[1] else layer.grad_cov)
+                  for layer in stats.values()}
+        assert len(narrow) == 6 and len(factorized) == len(narrow)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -211,6 +215,24 @@ def test_random_statistics_with_a_rank_deficient_g_match(variant: str, seed: int
     weight = torch.randn(d_out, d_in, generator=generator)
     assert_matches_reference(variant, weight, stats)
     assert_matches_reference(variant, weight, stats, damping=1e-1)
+
+
+@pytest.mark.parametrize("shape", [(80, 50), (50, 80)])
+def test_a_weight_of_lower_rank_than_the_adapter_matches(shape: tuple[int, int], monkeypatch: pytest.MonkeyPatch):
+    # Rank 2 < RANK: the whitened Gram's trailing eigenvalues are rounding noise, and the far side's
+    # vectors `W R V_k / S_k` would divide noise by noise; the triplets come from the whitened
+    # weight's own SVD instead, and the product matches.
+    generator = torch.Generator().manual_seed(sum(shape))
+    d_out, d_in = shape
+    weight = torch.randn(d_out, 2, generator=generator) @ torch.randn(2, d_in, generator=generator)
+    act_half, grad_half = torch.randn(d_in, 90, generator=generator), torch.randn(d_out, 90, generator=generator)
+    stats = LayerStats(act_half @ act_half.T / 90, grad_half @ grad_half.T / 90, None, 10, 10, "linear", shape)
+    whitened_svds = []
+    solver = geometry.top_singular_triplets
+    monkeypatch.setattr(geometry, "top_singular_triplets",
+                        lambda *args: whitened_svds.append(args[1]) or solver(*args))
+    assert_matches_reference("fisher_svd", weight, stats)
+    assert whitened_svds == [RANK]
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

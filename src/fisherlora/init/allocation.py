@@ -34,9 +34,9 @@ def layer_fisher_energy(weight: torch.Tensor, geometry: LayerGeometry, rank: int
     Returns:
         `E >= 0` (float).
     """
-    # R_G^T W R_A for Cholesky factors R R^T of the damped factors: the singular values of G^1/2 W A^1/2.
-    values = torch.linalg.svdvals(geometry.whitened_weight(weight))
-    return float(values[:rank].square().sum())
+    # The top-r singular values of G^1/2 W A^1/2 (LayerGeometry.weight_spectrum, kept by the geometry
+    # for fisher_svd's factors at this rank or below).
+    return float(geometry.weight_spectrum(weight, rank).values[:rank].square().sum())
 
 
 def _proportional_quotas(energies: torch.Tensor, caps: torch.Tensor, budget: int) -> torch.Tensor:

@@ -75,14 +75,14 @@ def fisher_weight_factors(weight: torch.Tensor, geometry: LayerGeometry,
 
     Computed with any square roots `R R^T` of the damped factors (Cholesky factors, see
     `linalg.Whitening`): with `U S V^T = svd(R_G^T W R_A)`, the product `R_G^-T U_r S_r V_r^T R_A^-1`
-    and the singular values are the same for every choice of roots.
+    and the singular values are the same for every choice of roots; only the narrower side's root is
+    formed (`LayerGeometry.weight_spectrum`).
 
     Returns:
         `left = R_G^-T U_r` `(d_out, r)`, `S_r` `(r,)`, `right = R_A^-T V_r` `(d_in, r)`, float64, with
         `left diag(S_r) right^T` the approximation.
     """
-    left, values, right = top_singular_triplets(geometry.whitened_weight(weight), rank)
-    return geometry.grad_whitening.solve_transpose(left), values, geometry.act_whitening.solve_transpose(right)
+    return geometry.weight_spectrum(weight, rank).leading(rank)
 
 
 def natural_gradient_factors(geometry: LayerGeometry, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
@@ -18,7 +19,7 @@ from ..stats.linalg import (
     symmetric_roots,
 )
 from ..stats.sketch import LowRankFactor
-from ..stats.top_r import top_eigenpairs
+from ..stats.top_r import top_eigenpairs, top_singular_triplets
 
 
 class FactorCache:
@@ -59,6 +60,34 @@ class FactorCache:
                 self.entries = {key: value for key, value in self.entries.items() if key[0] != id(factor)}
 
 
+@dataclass(frozen=True)
+class WeightSpectrum:
+    """The leading singular triplets of a layer's weight in the Fisher norm, `U S V^T =
+    svd(R_G^T W R_A)` for square roots `R R^T` of the damped factors, un-whitened as the
+    initializers use them (the same for every choice of roots, see `linalg.Whitening`).
+
+    Attributes:
+        left: `R_G^-T U_k` `(d_out, k)` float64.
+        values: `S_k` `(k,)` float64, descending.
+        right: `R_A^-T V_k` `(d_in, k)` float64; `left diag(S_k) right^T` is the best rank-`k`
+            approximation of `W` in the Fisher norm.
+        total: `||R_G^T W R_A||_F^2 = ||G^1/2 W A^1/2||_F^2` over all components.
+    """
+
+    left: torch.Tensor
+    values: torch.Tensor
+    right: torch.Tensor
+    total: float
+
+    @property
+    def count(self) -> int:
+        return int(self.values.shape[0])
+
+    def leading(self, count: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`(left, values, right)` of the first `count <= self.count` triplets."""
+        return self.left[:, :count], self.values[:count], self.right[:, :count]
+
+
 class LayerGeometry:
     """A layer's statistics with the work on its damped factors done once, on demand.
 
@@ -67,21 +96,25 @@ class LayerGeometry:
     Cholesky factor when dense (`linalg.Whitening`), its symmetric root when sketched
     (`U f(lambda + delta) U^T + f(tail + delta) (I - U U^T)`, no `d x d` eigendecomposition).
 
+    A geometry serves one layer and its weight `W`: `weight_spectrum` keeps what it computed for
+    the weight it was first given.
+
     Attributes:
         source: the `LayerStats` as given (dense or sketched, on any device).
         damping: relative damping applied to both factors.
         device: where the matrices are formed (the weight's device); None: where the statistics are.
         cache: work shared with other layers' geometries (see `FactorCache`), or None.
+        spectrum: the weight's `WeightSpectrum` when already known (Fisher rank allocation computes it
+            for its energies), or None.
     """
 
     def __init__(self, stats: LayerStats, damping: float, device: torch.device | str | None = None,
-                 cache: FactorCache | None = None) -> None:
+                 cache: FactorCache | None = None, spectrum: WeightSpectrum | None = None) -> None:
         self.source = stats
         self.damping = damping
         self.device = device
         self.cache = cache
-        self._whitened_weight: torch.Tensor | None = None
-        self._weight_of_whitened: torch.Tensor | None = None
+        self.spectrum = spectrum
 
     def _shared(self, factor: torch.Tensor | LowRankFactor, kind: str, compute: Callable[[], Any]) -> Any:
         if self.cache is None:
@@ -103,7 +136,7 @@ class LayerGeometry:
 
     def _damped(self, factor: torch.Tensor | LowRankFactor, dense: torch.Tensor) -> torch.Tensor:
         """`F + damping * mean(diag F) I` `(d, d)` float64 (`dense` is `F` as a dense tensor)."""
-        return self._shared(factor, "damped", lambda: damp(dense.to(torch.float64), self.damping)[0])
+        return self._shared(factor, "damped", lambda: damp(dense, self.damping, torch.float64)[0])
 
     def _whitening(self, factor: torch.Tensor | LowRankFactor) -> Whitening:
         if isinstance(factor, LowRankFactor):
@@ -112,12 +145,12 @@ class LayerGeometry:
         return self._shared(factor, "cholesky", lambda: cholesky_whitening(
             self._on_device(factor), self.damping, damped=self._damped(factor, self._on_device(factor))))
 
-    @property
+    @cached_property
     def damped_act_cov(self) -> torch.Tensor:
         """The damped `A` `(d_in, d_in)` float64 (shared with the Cholesky factor)."""
         return self._damped(self.source.act_cov, self.stats.act_cov)
 
-    @property
+    @cached_property
     def damped_grad_cov(self) -> torch.Tensor:
         """The damped `G` `(d_out, d_out)` float64 (shared with the Cholesky factor)."""
         return self._damped(self.source.grad_cov, self.stats.grad_cov)
@@ -154,21 +187,50 @@ class LayerGeometry:
         return self._shared(factor, f"top{count}", lambda: top_eigenpairs(self.stats.grad_cov, count))
 
     def whitened_weight(self, weight: torch.Tensor) -> torch.Tensor:
-        """`R_G^T W R_A` `(d_out, d_in)` float64 for this layer's weight (computed once): its singular
-        values are those of `G^{1/2} W A^{1/2}`."""
-        if self._whitened_weight is None or weight is not self._weight_of_whitened:
-            act_side = self.act_whitening.transpose_times(weight.T.double())  # R_A^T W^T
-            self._whitened_weight = self.grad_whitening.transpose_times(act_side.T)
-            self._weight_of_whitened = weight
-        return self._whitened_weight
+        """`R_G^T W R_A` `(d_out, d_in)` float64: its singular values are those of `G^{1/2} W A^{1/2}`
+        (both roots: `weight_spectrum` needs only the narrower side's)."""
+        act_side = self.act_whitening.transpose_times(weight.T.double())  # R_A^T W^T
+        return self.grad_whitening.transpose_times(act_side.T)
 
-    def fisher_norm_squared(self, delta: torch.Tensor) -> float:
-        """`||G^{1/2} dW A^{1/2}||_F^2` with the damped factors: from `whitened_weight` when `delta`
-        is the weight it was formed for, else `<G dW, dW A>` in float32 (no root; relative error
+    def weight_spectrum(self, weight: torch.Tensor, count: int) -> WeightSpectrum:
+        """The leading `count` singular triplets of `W` `(d_out, d_in)` in the Fisher norm, from the
+        Gram matrix of the whitened weight on its narrower side: for `d_out >= d_in`,
+        `C = R_A^T (W^T G W) R_A` `(d_in, d_in)` (damped `G`; `U_k S_k = R_G^T W R_A V_k`, so the left
+        factor `R_G^-T U_k = W R_A V_k / S_k` needs no root of `G`), else `R_G^T (W A W^T) R_G`.
+        So only the narrower factor is Cholesky-factorized, and the wider one enters through one
+        product with `W`. `C` squares the condition number: when `S_k < 1e-4 S_1` the triplets
+        come from the whitened weight's SVD instead (both roots). Kept for the next call (a call
+        for fewer triplets slices it).
+        """
+        if self.spectrum is not None and self.spectrum.count >= count:
+            return self.spectrum
+        matrix = weight.double()
+        tall = matrix.shape[0] >= matrix.shape[1]
+        narrow = self.act_whitening if tall else self.grad_whitening
+        fisher_gram = matrix.T @ (self.damped_grad_cov @ matrix) if tall else matrix @ (self.damped_act_cov @ matrix.T)
+        whitened = narrow.transpose_times(narrow.transpose_times(0.5 * (fisher_gram + fisher_gram.T)).T)
+        whitened = 0.5 * (whitened + whitened.T)
+        total = float(whitened.trace())
+        eigenvalues, vectors = top_eigenpairs(whitened, count)
+        values = eigenvalues.clamp_min(0).sqrt()
+        if float(values[-1]) <= 1e-4 * float(values[0]):  # also a zero weight
+            left, values, right = top_singular_triplets(self.whitened_weight(matrix), count)
+            spectrum = WeightSpectrum(self.grad_whitening.solve_transpose(left), values,
+                                      self.act_whitening.solve_transpose(right), total)
+        else:
+            near = narrow.solve_transpose(vectors)  # R^-T V_k on the narrow side
+            far = (matrix if tall else matrix.T) @ narrow.times(vectors) / values  # W R_A V_k / S_k
+            spectrum = WeightSpectrum(far, values, near, total) if tall else WeightSpectrum(near, values, far, total)
+        self.spectrum = spectrum
+        return spectrum
+
+    def fisher_norm_squared(self, weight: torch.Tensor) -> float:
+        """`||G^{1/2} W A^{1/2}||_F^2` of this layer's weight with the damped factors: the spectrum's
+        total when `weight_spectrum` has run, else `<G W, W A>` in float32 (no root; relative error
         ~1e-6, enough for the captured-energy ratio it feeds)."""
-        if self._whitened_weight is not None and delta is self._weight_of_whitened:
-            return float(self._whitened_weight.square().sum())
-        return fisher_norm_squared_damped(delta, self.stats.grad_cov, self.stats.act_cov, self.damping,
+        if self.spectrum is not None:
+            return self.spectrum.total
+        return fisher_norm_squared_damped(weight, self.stats.grad_cov, self.stats.act_cov, self.damping,
                                           dtype=torch.float32)
 
     @property

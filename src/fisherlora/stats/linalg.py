@@ -25,23 +25,24 @@ class FactorRoots:
     damping_added: float
 
 
-def damp(factor: torch.Tensor, damping: float) -> tuple[torch.Tensor, float]:
+def damp(factor: torch.Tensor, damping: float, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, float]:
     """Add `damping * mean(diag factor)` to the diagonal.
 
     Args:
         factor: symmetric positive semi-definite matrix `(d, d)`.
         damping: relative damping `lambda >= 0`.
+        dtype: the result's dtype (default: the factor's); the factor is copied once, in that dtype.
 
     Returns:
-        The damped matrix `(d, d)` (float32 or float64, as given) and the absolute amount added.
-        A factor whose diagonal is all zero is damped with `damping` itself, so the result is
-        always invertible when `damping > 0`.
+        The damped matrix `(d, d)` (a new tensor) and the absolute amount added. A factor whose
+        diagonal is all zero is damped with `damping` itself, so the result is always invertible
+        when `damping > 0`.
     """
     if damping < 0:
         raise ValueError(f"damping must be >= 0, got {damping}")
-    mean_diagonal = float(factor.diagonal().mean())
+    damped = factor.to(dtype=dtype or factor.dtype, copy=True)
+    mean_diagonal = float(damped.diagonal().mean())
     amount = damping * (mean_diagonal if mean_diagonal > 0 else 1.0)
-    damped = factor.clone()
     damped.diagonal().add_(amount)  # the same values as factor + amount * I, without forming I
     return damped, amount
 
@@ -57,7 +58,7 @@ def symmetric_roots(factor: torch.Tensor, damping: float) -> FactorRoots:
         `FactorRoots` with both roots `(d, d)` in float64 (roots of ill-conditioned factors lose
         too much in float32).
     """
-    damped, amount = damp(factor.double(), damping)
+    damped, amount = damp(factor, damping, torch.float64)
     damped = 0.5 * (damped + damped.T)
     eigenvalues, eigenvectors = torch.linalg.eigh(damped)
     # eigh can return tiny negative values for a PSD matrix; a floor relative to the largest
@@ -168,6 +169,13 @@ class Whitening:
         assert self.roots is not None
         return self.roots.root @ matrix.to(self.roots.root.dtype)
 
+    def times(self, matrix: torch.Tensor) -> torch.Tensor:
+        """`R X` for `X` `(d, n)`."""
+        if self.lower is not None:
+            return self.lower @ matrix.to(self.lower.dtype)
+        assert self.roots is not None
+        return self.roots.root @ matrix.to(self.roots.root.dtype)
+
     def solve(self, matrix: torch.Tensor) -> torch.Tensor:
         """`R^{-1} X` for `X` `(d, n)`."""
         if self.lower is not None:
@@ -208,7 +216,7 @@ def cholesky_whitening(factor: torch.Tensor, damping: float, damped: torch.Tenso
     """
     amount = damping * _mean_diagonal(factor)
     if damped is None:
-        damped = damp(factor.double(), damping)[0]
+        damped = damp(factor, damping, torch.float64)[0]
     lower, info = torch.linalg.cholesky_ex(damped)  # reads the lower triangle (the sums are symmetric)
     if int(info) == 0:
         return Whitening(lower=lower, roots=None, damping_added=amount)
