@@ -136,6 +136,33 @@ def test_allocated_ranks_are_in_the_model_and_its_config():
     assert {name: layer.r["default"] for name, layer in rebuilt.items()} == expected
 
 
+@pytest.mark.parametrize("method", ["fisher_svd", "fisher_zero"])
+def test_allocation_reuses_its_spectra_and_matches_each_layer_factorized_afresh(method: str,
+                                                                                monkeypatch: pytest.MonkeyPatch):
+    base = tiny_bert()
+    batches = text_batches()
+    model = peft_bert(copy.deepcopy(base))
+    stats = fl.collect_fisher(model, batches, config_for(method))
+    solves = []
+    solver = fl.init.geometry.top_eigenpairs
+    monkeypatch.setattr(fl.init.geometry, "top_eigenpairs", lambda factor, count: solves.append(count) or
+                        solver(factor, count))
+    reports = fl.initialize_lora_fisher(model, stats, config_for(method, rank_allocation="fisher"))
+    monkeypatch.undo()
+    ranks = {report.name: report.rank for report in reports}
+    # One eigen-solve per layer for the energies (at the created rank 4); the factorization computes
+    # again only the layers allocated more than that.
+    assert solves == [4] * len(ranks) + [rank for rank in ranks.values() if rank > 4]
+    assert min(ranks.values()) < 4 < max(ranks.values())
+    energies = {report.name: report.captured_energy for report in reports}
+    for name, layer in lora_layers(model).items():
+        fresh = fl.init.registry.compute_factors(method, base.get_submodule(name).weight, stats.layers[name],
+                                                 ranks[name], 2.0, config_for(method))
+        torch.testing.assert_close(layer.lora_A["default"].weight, fresh.lora_a, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(layer.lora_B["default"].weight, fresh.lora_b, rtol=1e-5, atol=1e-6)
+        assert energies[name] == pytest.approx(fresh.captured_energy, rel=1e-9)
+
+
 @pytest.mark.parametrize("method", ["fisher_zero", "fisher_step", "fisher_svd"])
 @pytest.mark.parametrize("allocation", ["uniform", "fisher"])
 def test_saved_adapter_reproduces_trained_outputs(tmp_path: Path, method: str, allocation: str):

@@ -17,7 +17,7 @@ from .base_weight_guards import (
     shared_weight_names,
 )
 from .config import FisherConfig
-from .init.geometry import FactorCache
+from .init.geometry import FactorCache, WeightSpectrum
 from .init.registry import compute_factors, get_initializer
 from .peft_ranks import fisher_ranks, record_ranks, resize_adapter
 from .phases import phase
@@ -230,9 +230,11 @@ def write_adapters(
     elif initializer.statistics_needed(config):
         raise ValueError(f"method {config.method!r} (rank_allocation={config.rank_allocation!r}) needs statistics "
                          "or a dataloader")
-    ranks = {}
+    ranks: dict[str, int] = {}
+    spectra: dict[str, WeightSpectrum] = {}
     if stats is not None and config.rank_allocation == "fisher":
-        ranks = fisher_ranks(targets, stats, config, adapter_name)
+        with phase("factorization"):  # the energies: the factors' roots and the weights' spectra
+            ranks, spectra = fisher_ranks(targets, stats, config, adapter_name)
     planned = []
     # A factor shared by layers (the A of query/key/value) is factorized once, and dropped after its last layer.
     cache = FactorCache([stats.layers[target.name] for target in targets]) if stats is not None else None
@@ -252,6 +254,7 @@ def write_adapters(
                 module_name=target.name,
                 factor_dtype=layer.lora_A[adapter_name].weight.dtype,
                 cache=cache,
+                spectrum=spectra.get(target.name),
             )
         if cache is not None and stats is not None:
             cache.done(stats.layers[target.name])

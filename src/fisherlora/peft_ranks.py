@@ -19,33 +19,41 @@ import torch
 
 from .config import FisherConfig
 from .init.allocation import allocate_ranks, layer_fisher_energy
-from .init.registry import LayerGeometry
+from .init.geometry import FactorCache, LayerGeometry, WeightSpectrum
 from .stats.container import FisherStats
 from .stats.layers import TargetLayer, weight_matrix
 
 
 def fisher_ranks(targets: Sequence[TargetLayer], stats: FisherStats, config: FisherConfig,
-                 adapter_name: str = "default") -> dict[str, int]:
+                 adapter_name: str = "default") -> tuple[dict[str, int], dict[str, WeightSpectrum]]:
     """Each targeted layer's rank under Fisher rank allocation.
 
     The budget is the sum of the layers' current ranks (`r` times the number of layers for a model
     created with one rank), spread by `allocate_ranks` in proportion to `layer_fisher_energy` at the
-    layer's current rank, each layer between 1 and `min(d_in, d_out)`.
+    layer's current rank, each layer between 1 and `min(d_in, d_out)`. A factor shared by layers is
+    factorized once (`FactorCache`).
 
     Returns:
-        base-model layer name -> rank.
+        base-model layer name -> rank, and -> the `WeightSpectrum` its energy came from (its top
+        triplets at the current rank: `fisher_svd`'s factors at that rank or below, not computed again).
     """
     energies, caps, budget = [], [], 0
+    spectra = {}
+    cache = FactorCache([stats.layers[target.name] for target in targets])
     for target in targets:
         layer: Any = target.hook_module
         rank = int(layer.r[adapter_name])
         weight = weight_matrix(target.weight_module, target.layer_type)
-        geometry = LayerGeometry(stats.layers[target.name], config.damping, device=weight.device)
+        layer_stats = stats.layers[target.name]
+        geometry = LayerGeometry(layer_stats, config.damping, device=weight.device, cache=cache)
         energies.append(layer_fisher_energy(weight.detach().double(), geometry, min(rank, min(weight.shape))))
+        cache.done(layer_stats)
+        assert geometry.spectrum is not None
+        spectra[target.name] = geometry.spectrum
         caps.append(int(min(weight.shape)))
         budget += rank
     ranks = allocate_ranks(energies, caps, min(budget, sum(caps)))
-    return {target.name: rank for target, rank in zip(targets, ranks, strict=True)}
+    return {target.name: rank for target, rank in zip(targets, ranks, strict=True)}, spectra
 
 
 def alpha_for(rank: int, scaling: float, use_rslora: bool) -> float:

@@ -9,7 +9,7 @@ Phases (`PHASES`):
     backward: the backward passes (output gradients; weight gradients where a method takes them).
     statistics: adding the recorded rows to the Kronecker-factor sums (and `M`).
     factorization: per-layer work after the data: roots/Cholesky factors, eigen- and singular
-        vectors, the adapter factors.
+        vectors, the adapter factors, and Fisher rank allocation's layer energies.
     write: writing adapter factors and residual base weights into the model.
 """
 

@@ -12,7 +12,7 @@ from ..config import FisherConfig
 from ..stats.container import LayerStats
 from ..stats.linalg import low_rank_fisher_norm_squared
 from .catalog import CATALOG, KRONECKER, Family, MethodEntry, Statistic, add_entry, ordered_entries
-from .geometry import FactorCache, LayerGeometry
+from .geometry import FactorCache, LayerGeometry, WeightSpectrum
 
 
 @dataclass
@@ -153,6 +153,7 @@ def compute_factors(
     module_name: str = "<layer>",
     factor_dtype: torch.dtype = torch.float32,
     cache: FactorCache | None = None,
+    spectrum: WeightSpectrum | None = None,
 ) -> LayerFactors:
     """Validate the inputs, run one initializer, and return its factors (the residual is formed later,
     one layer at a time: `LayerFactors.residual`).
@@ -169,6 +170,8 @@ def compute_factors(
         factor_dtype: dtype the adapter stores `A` and `B` in (e.g. bfloat16): the factors are rounded
             to it before the residual is formed.
         cache: work on factors shared by several layers (see `FactorCache`), kept across calls.
+        spectrum: this weight's leading Fisher-norm singular triplets when already computed (by the
+            rank allocation; see `LayerGeometry.weight_spectrum`), used when it holds enough of them.
 
     Returns:
         `LayerFactors`; its `residual(W)` gives `residual + s * B @ A == W` up to float32 rounding of
@@ -208,7 +211,7 @@ def compute_factors(
             raise ValueError(
                 f"method {method!r} needs grad_mean for module {module_name!r}: collect with collect_grad_mean=True"
             )
-        geometry = LayerGeometry(stats, config.damping, device=weight.device, cache=cache)
+        geometry = LayerGeometry(stats, config.damping, device=weight.device, cache=cache, spectrum=spectrum)
     matrix = weight.detach().double()
     assert initializer.function is not None
     try:
