@@ -6,9 +6,9 @@ is the previous implementation, written out: symmetric roots `F^{+-1/2}` from a 
 damped factor, full SVDs. Stated tolerance: the adapter product `s B A` (and so the residual) agrees
 to `PRODUCT_RTOL` relative (Frobenius), the captured energy (a fraction in [0, 1], now summed from
 float32 products) to `ENERGY_RTOL` relative or `ENERGY_ATOL` absolute, the damping exactly.
-Statistics come from tiny models (a Llama wide enough for the subspace iteration to run, with
-query/key/value and gate/up sharing their input factor; a BERT), from random factors with a
-rank-deficient `G`, and from Nystrom sketches.
+Statistics come from tiny models (a Llama, `conftest.py`, with query/key/value and gate/up
+sharing their input factor; a BERT), from random factors with a rank-deficient `G` (one set wide
+enough for the block Krylov solver), and from Nystrom sketches.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import fisherlora as fl
-from fisherlora.init import geometry, run_initializer
+from fisherlora.init import fisher, geometry, run_initializer
 from fisherlora.init.geometry import FactorCache
 from fisherlora.init.registry import compute_factors
 from fisherlora.stats import top_r
@@ -28,7 +28,7 @@ from fisherlora.stats.container import LayerStats
 from fisherlora.stats.linalg import FactorRoots, fisher_norm_squared, symmetric_roots
 from fisherlora.stats.sketch import LowRankFactor
 from fisherlora.stats.top_r import top_eigenpairs, top_singular_triplets
-from models import lm_batches, text_batches, tiny_bert
+from models import text_batches, tiny_bert
 
 PRODUCT_RTOL = 1e-6
 ENERGY_RTOL = 1e-5
@@ -115,28 +115,6 @@ def reference(variant: str, weight: torch.Tensor, stats: LayerStats, damping: fl
 # ------------------------------------------------------------------ statistics of tiny models
 
 
-def wide_llama():
-    """A Llama wide enough (hidden 64, MLP 96) for the top-r solvers to iterate rather than fall back."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=40, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         initializer_range=0.2)
-    return LlamaForCausalLM(config).eval()
-
-
-LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-@pytest.fixture(scope="module")
-def llama_stats() -> tuple[torch.nn.Module, fl.FisherStats]:
-    model = wide_llama()
-    batches = lm_batches(count=4, batch_size=6, length=12, vocab=40)
-    config = fl.FisherConfig(progress=False, collect_grad_mean=True, num_batches=None)
-    return model, fl.collect_fisher(model, batches, config, target_modules=LLAMA_TARGETS)
-
-
 @pytest.fixture(scope="module")
 def bert_stats() -> tuple[torch.nn.Module, fl.FisherStats]:
     model = tiny_bert()
@@ -217,22 +195,23 @@ def test_random_statistics_with_a_rank_deficient_g_match(variant: str, seed: int
     assert_matches_reference(variant, weight, stats, damping=1e-1)
 
 
-@pytest.mark.parametrize("shape", [(80, 50), (50, 80)])
-def test_a_weight_of_lower_rank_than_the_adapter_matches(shape: tuple[int, int], monkeypatch: pytest.MonkeyPatch):
-    # Rank 2 < RANK: the whitened Gram's trailing eigenvalues are rounding noise, and the far side's
-    # vectors `W R V_k / S_k` would divide noise by noise; the triplets come from the whitened
-    # weight's own SVD instead, and the product matches.
+@pytest.mark.parametrize(("method", "shape"), itertools.product(["fisher_svd", "fisher_select"], [(80, 50), (50, 80)]))
+def test_a_weight_of_lower_rank_than_the_adapter_matches(method: str, shape: tuple[int, int],
+                                                         monkeypatch: pytest.MonkeyPatch):
+    # Rank 2 < RANK: the Gram matrices' trailing eigenvalues are rounding noise, and vectors like
+    # `W R V_k / S_k` would divide noise by noise; the triplets come from a full SVD instead (of the
+    # whitened weight for fisher_svd, of W for fisher_select), and the product matches.
     generator = torch.Generator().manual_seed(sum(shape))
     d_out, d_in = shape
     weight = torch.randn(d_out, 2, generator=generator) @ torch.randn(2, d_in, generator=generator)
     act_half, grad_half = torch.randn(d_in, 90, generator=generator), torch.randn(d_out, 90, generator=generator)
     stats = LayerStats(act_half @ act_half.T / 90, grad_half @ grad_half.T / 90, None, 10, 10, "linear", shape)
-    whitened_svds = []
-    solver = geometry.top_singular_triplets
-    monkeypatch.setattr(geometry, "top_singular_triplets",
-                        lambda *args: whitened_svds.append(args[1]) or solver(*args))
-    assert_matches_reference("fisher_svd", weight, stats)
-    assert whitened_svds == [RANK]
+    full_svds = []
+    module, name = (geometry, "top_singular_triplets") if method == "fisher_svd" else (fisher, "_select_from_svd")
+    solver = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *args: full_svds.append(args[1:]) or solver(*args))
+    assert_matches_reference(method, weight, stats)
+    assert len(full_svds) == 1
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

@@ -14,6 +14,7 @@ import torch
 
 from ..config import check_literals
 from ..stats.linalg import balanced_directions, balanced_factors
+from ..stats.top_r import top_singular_triplets
 from .catalog import KRONECKER, KRONECKER_AND_GRADIENT, Statistic
 from .fisher import fisher_weight_factors, natural_gradient_factors, require_geometry
 from .registry import LayerGeometry, register_initializer
@@ -108,8 +109,7 @@ def fisher_zero(weight: torch.Tensor, geometry: LayerGeometry | None, rank: int,
     if options.source == "gradient":
         grad_mean = geometry.stats.grad_mean
         assert grad_mean is not None  # run_initializer refuses a missing M, naming the module
-        _, _, right_transposed = torch.linalg.svd(grad_mean.to(weight.dtype), full_matrices=False)
-        directions = right_transposed[:rank]
+        directions = top_singular_triplets(grad_mean.to(weight.dtype), rank)[2].T
     else:
         factored = (fisher_weight_factors(weight, geometry, rank) if options.source == "weight"
                     else natural_gradient_factors(geometry, rank))

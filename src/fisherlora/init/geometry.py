@@ -106,6 +106,8 @@ class LayerGeometry:
         cache: work shared with other layers' geometries (see `FactorCache`), or None.
         spectrum: the weight's `WeightSpectrum` when already known (Fisher rank allocation computes it
             for its energies), or None.
+        fisher_norm_of_weight: `||G^{1/2} W A^{1/2}||_F^2` (damped factors) when an initializer had it
+            as a by-product, else None (`fisher_norm_squared` computes it).
     """
 
     def __init__(self, stats: LayerStats, damping: float, device: torch.device | str | None = None,
@@ -115,6 +117,7 @@ class LayerGeometry:
         self.device = device
         self.cache = cache
         self.spectrum = spectrum
+        self.fisher_norm_of_weight: float | None = None
 
     def _shared(self, factor: torch.Tensor | LowRankFactor, kind: str, compute: Callable[[], Any]) -> Any:
         if self.cache is None:
@@ -176,6 +179,11 @@ class LayerGeometry:
         """A square root `R_G` of the damped `G` (Cholesky when dense)."""
         return self._whitening(self.source.grad_cov)
 
+    @cached_property
+    def act_inverse(self) -> torch.Tensor:
+        """The damped `A`'s inverse `(d_in, d_in)` float64, from its Cholesky factor (shared like it)."""
+        return self._shared(self.source.act_cov, "inverse", self.act_whitening.inverse)
+
     def top_act_eigenpairs(self, count: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The `count` leading eigenpairs of (undamped) `A`: values descending, vectors `(d_in, count)`."""
         factor = self.source.act_cov
@@ -226,10 +234,12 @@ class LayerGeometry:
 
     def fisher_norm_squared(self, weight: torch.Tensor) -> float:
         """`||G^{1/2} W A^{1/2}||_F^2` of this layer's weight with the damped factors: the spectrum's
-        total when `weight_spectrum` has run, else `<G W, W A>` in float32 (no root; relative error
-        ~1e-6, enough for the captured-energy ratio it feeds)."""
+        total when `weight_spectrum` has run (or `fisher_norm_of_weight`), else `<G W, W A>` in
+        float32 (no root; relative error ~1e-6, enough for the captured-energy ratio it feeds)."""
         if self.spectrum is not None:
             return self.spectrum.total
+        if self.fisher_norm_of_weight is not None:
+            return self.fisher_norm_of_weight
         return fisher_norm_squared_damped(weight, self.stats.grad_cov, self.stats.act_cov, self.damping,
                                           dtype=torch.float32)
 

@@ -16,6 +16,7 @@ from typing import ClassVar
 
 import torch
 
+from ..stats.top_r import bottom_eigenpairs, top_eigenpairs, top_singular_triplets
 from .catalog import KRONECKER_AND_GRADIENT, Statistic
 from .registry import LayerGeometry, register_initializer
 
@@ -115,7 +116,8 @@ def lora_one(weight: torch.Tensor, geometry: LayerGeometry | None, rank: int, sc
     "stable": `B = U[:, :r] @ diag(sqrt(S[:r])) / sqrt(S[0])`, likewise `A`, both divided by
     `stable_gamma ** 0.5`, and no offset subtracted from the weight).
 
-    Deviations: an exact SVD instead of `torch.svd_lowrank(q=512, niter=16)`; `M` is the mean
+    Deviations: the exact top-`r` singular triplets (`stats.top_r`) instead of
+    `torch.svd_lowrank(q=512, niter=16)`; `M` is the mean
     gradient per calibration example of the summed loss (the official code averages batch-mean loss
     gradients), which only rescales `M`, and `M / S_1` does not depend on that scale.
 
@@ -131,13 +133,13 @@ def lora_one(weight: torch.Tensor, geometry: LayerGeometry | None, rank: int, sc
         ValueError: `M` is zero (the loss does not reach this layer): there is no step to take.
     """
     assert isinstance(options, LoraOneOptions)
-    left, singular_values, right_transposed = torch.linalg.svd(-_mean_gradient(geometry), full_matrices=False)
+    left, singular_values, right = top_singular_triplets(-_mean_gradient(geometry), rank)
     top = float(singular_values[0])
     if not top > 0:
         raise ValueError("the mean gradient M is zero, so LoRA-One has no step to take (does the loss depend "
                          "on this layer?)")
-    half = torch.sqrt(singular_values[:rank] / (top * options.gamma))
-    return half[:, None] * right_transposed[:rank], left[:, :rank] * half
+    half = torch.sqrt(singular_values / (top * options.gamma))
+    return half[:, None] * right.T, left * half
 
 
 @register_initializer(
@@ -164,7 +166,9 @@ def lora_ga_paper(weight: torch.Tensor, geometry: LayerGeometry | None, rank: in
     PEFT's port (`lora_ga`, peft/tuners/lora/layer.py `lora_ga_init`) differs in the scale: it keeps
     `A = V[:, :r]^T` unscaled and sets `B = U[:, r:2r] diag(S[r:2r]) d_out**0.25 / sqrt(gamma)`.
 
-    Deviation: an exact SVD instead of `torch.svd_lowrank(q=4r, niter=4)`.
+    Deviation: the exact top-`2r` singular triplets (`stats.top_r`) instead of
+    `torch.svd_lowrank(q=4r, niter=4)`; a singular vector's sign is fixed by the matrix (its
+    narrower side's largest-magnitude entry positive) where LAPACK's is arbitrary.
 
     Raises:
         ValueError: `2 r > min(d_out, d_in)`: the layer has fewer than `2 r` singular vectors.
@@ -175,9 +179,9 @@ def lora_ga_paper(weight: torch.Tensor, geometry: LayerGeometry | None, rank: in
         raise ValueError(f"LoRA-GA takes A from the first r and B from the next r singular vectors of M, so it "
                          f"needs 2r = {2 * rank} <= min(d_out, d_in) = {min(d_out, d_in)}; use a rank <= "
                          f"{min(d_out, d_in) // 2} for this layer (PEFT rank_pattern) or another method")
-    left, _, right_transposed = torch.linalg.svd(_mean_gradient(geometry), full_matrices=False)
+    left, _, right = top_singular_triplets(_mean_gradient(geometry), 2 * rank)
     factor = d_out**0.25 / options.gamma**0.5
-    return factor * right_transposed[:rank], factor * left[:, rank:2 * rank]
+    return factor * right[:, :rank].T, factor * left[:, rank:]
 
 
 @register_initializer(
@@ -216,7 +220,8 @@ def lora_da(weight: torch.Tensor, geometry: LayerGeometry | None, rank: int, sca
     Deviations: the paper's equation numbers could not be read here (only its abstract and the code),
     so the steps above cite the code. Damping is this project's relative damping
     (`lambda mean(diag)` added to `A` and `G`, `FisherConfig.damping`) instead of an absolute 1e-6; the
-    eigenvectors are computed exactly (`torch.linalg.eigh`) instead of by 10 LOBPCG iterations; `N`
+    eigenvectors are computed exactly (`stats.top_r.bottom_eigenpairs`, checked, else a full `eigh`)
+    instead of by 10 LOBPCG iterations; `N`
     defaults to the number of calibration examples, where the code passes the training set size
     (set `LoraDAOptions.population_size` to match it). `G` and `M` come from the summed loss (per-example
     gradients) where the code uses per-sequence mean losses; the direction and the ratio of the two
@@ -230,20 +235,25 @@ def lora_da(weight: torch.Tensor, geometry: LayerGeometry | None, rank: int, sca
     if geometry is None:
         raise ValueError("lora_da needs Fisher statistics")
     gradient = _mean_gradient(geometry)
-    output_diagonal = geometry.damped_grad_cov.diagonal()  # (d_out,)
-    act_inverse_root = geometry.act_roots.inverse_root
-    act_inverse = act_inverse_root @ act_inverse_root  # A^-1, (d_in, d_in)
+    act_damping, grad_damping = geometry.damping_added
+    output_diagonal = geometry.stats.grad_cov.diagonal().double() + grad_damping  # diag of the damped G, (d_out,)
+    act_inverse = geometry.act_inverse  # A^-1 (damped), (d_in, d_in)
     step = -(gradient / output_diagonal[:, None]) @ act_inverse
-    top = float(torch.linalg.matrix_norm(step, ord=2))
+    step_gram = step.T @ step
+    # sigma_1(step), from the smaller of its Gram matrices
+    top = float(top_eigenpairs(step_gram if step.shape[0] >= step.shape[1] else step @ step.T, 1)[0][0]) ** 0.5
     if not top > 0:
         raise ValueError("the mean gradient M is zero, so LoRA-DA has no natural-gradient step to project")
     step = step / top
-    omega = -(step.T @ step)
+    omega = -step_gram / top**2
+    coefficient = 0.0
     if options.variance_beta > 0:
         population = options.population_size or geometry.stats.num_examples
         coefficient = options.variance_beta * float(output_diagonal.reciprocal().sum()) / (population * top**2)
         omega = omega + coefficient * act_inverse
-    _, eigenvectors = torch.linalg.eigh((omega + omega.T) / 2)  # ascending eigenvalues
-    basis = eigenvectors[:, :rank]
+    # Omega <= coefficient A^-1 <= coefficient / delta_A (A + delta_A I >= delta_A I): its spectrum lies
+    # below that bound, so its r smallest eigenpairs are the leading ones of a PSD shift of it.
+    upper = coefficient / act_damping if act_damping > 0 else float(torch.linalg.matrix_norm(omega, ord=1))
+    _, basis = bottom_eigenpairs(omega, rank, upper)
     root_gamma = options.gamma**0.5
     return basis.T / root_gamma, (step @ basis) / root_gamma

@@ -183,6 +183,13 @@ class Whitening:
         assert self.roots is not None
         return self.roots.inverse_root @ matrix.to(self.roots.inverse_root.dtype)
 
+    def inverse(self) -> torch.Tensor:
+        """`(R R^T)^{-1}`, the damped factor's inverse `(d, d)` (from the Cholesky factor: `~d^3` flops)."""
+        if self.lower is not None:
+            return torch.cholesky_inverse(self.lower)
+        assert self.roots is not None
+        return self.roots.inverse_root @ self.roots.inverse_root
+
     def solve_transpose(self, matrix: torch.Tensor) -> torch.Tensor:
         """`R^{-T} X` for `X` `(d, n)`."""
         if self.lower is not None:

@@ -40,8 +40,10 @@ def top_eigenpairs(factor: torch.Tensor, count: int) -> tuple[torch.Tensor, torc
     products with `F` the iteration has already formed); restarted from the leading Ritz vectors
     until every wanted pair's residual is below `TOLERANCE * lambda_max` (one or two rounds on the
     factors and Gram matrices of the models measured). A full `eigh` when fewer than 6 steps fit
-    in a basis of a third of `d` (`krylov_steps`), or when the residuals stop shrinking or 4 rounds
-    do not converge.
+    in a basis of a third of `d` (`krylov_steps`), or as soon as the residual after round `j` is
+    above `TOLERANCE ** (j / 4) * lambda_max` (not on course to converge in 4 rounds: an eigengap
+    at the cut too small for the Krylov method, e.g. the nearly flat top of a whitened gradient of
+    few examples; one round, a few percent of the full decomposition, is lost).
 
     Args:
         factor: symmetric PSD `(d, d)`, any float dtype.
@@ -52,15 +54,41 @@ def top_eigenpairs(factor: torch.Tensor, count: int) -> tuple[torch.Tensor, torc
         largest-magnitude entry positive.
     """
     matrix = factor.double()
+    found = _krylov(matrix, count)
+    return found if found is not None else _full(matrix, count)
+
+
+def bottom_eigenpairs(matrix: torch.Tensor, count: int, upper: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `count` smallest eigenpairs of a symmetric `(d, d)` matrix `F` whose eigenvalues are all at
+    most `upper`: the leading ones of the PSD `upper I - F` by the block Krylov method of
+    `top_eigenpairs` (the same check), else those of a full float64 `eigh` of `F` itself (not of the
+    shifted matrix, whose larger norm would cost accuracy when `upper >> ||F||`).
+
+    Returns:
+        eigenvalues `(k,)` ascending and eigenvectors `(d, k)` (float64), each with its
+        largest-magnitude entry positive.
+    """
+    matrix = 0.5 * (matrix + matrix.T).double()
+    shifted = -matrix
+    shifted.diagonal().add_(upper)
+    found = _krylov(shifted, count)
+    if found is not None:
+        return upper - found[0], found[1]
+    values, vectors = torch.linalg.eigh(matrix)
+    return values[:count], _signed(vectors[:, :count])
+
+
+def _krylov(matrix: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """`top_eigenpairs` by block Lanczos (float64 `matrix`), or None where the full decomposition is
+    cheaper or the iteration does not converge."""
     dim = matrix.shape[0]
     block = count + max(_EXTRA_COLUMNS, count // 2)
     steps = krylov_steps(dim, block)
     if steps == 0:
-        return _full(matrix, count)
+        return None
     generator = torch.Generator(device="cpu").manual_seed(0)
     start = torch.randn(dim, block, generator=generator, dtype=torch.float64).to(matrix.device)
-    previous = float("inf")
-    for _ in range(_ROUNDS):
+    for done in range(1, _ROUNDS + 1):
         blocks = [torch.linalg.qr(start)[0]]
         products = []
         for step in range(steps + 1):
@@ -76,11 +104,10 @@ def top_eigenpairs(factor: torch.Tensor, count: int) -> tuple[torch.Tensor, torc
         scale = max(float(values[0]), 1e-300)
         if residual <= TOLERANCE * scale:
             return values[:count], _signed(ritz)
-        if residual > 0.5 * previous:  # stagnating (a cluster at the cut): the full decomposition
-            break
-        previous = residual
+        if residual > TOLERANCE ** (done / _ROUNDS) * scale:  # too slow to converge in the rounds left
+            return None
         start = basis @ vectors[:, :block]
-    return _full(matrix, count)
+    return None
 
 
 def _orthogonal_block(basis: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
