@@ -280,6 +280,23 @@ def test_top_eigenpairs_of_a_rank_deficient_matrix_iterate(monkeypatch: pytest.M
     torch.testing.assert_close(vectors, signed(full_vectors.flip(1)[:, :4]), rtol=0, atol=1e-8)
 
 
+def test_top_eigenpairs_give_up_after_one_round_when_the_top_is_flat(monkeypatch: pytest.MonkeyPatch):
+    # Like a whitened gradient of few examples: the top 100 eigenvalues within 1% of each other, no
+    # gap at the cut. The first round's residual is far off course, so the full eigh follows at once.
+    generator = torch.Generator().manual_seed(3)
+    basis = torch.linalg.qr(torch.randn(384, 384, generator=generator, dtype=torch.float64))[0]
+    spectrum = torch.cat([1 - 1e-2 * torch.rand(100, generator=generator, dtype=torch.float64),
+                          torch.logspace(-1, -3, 284, dtype=torch.float64)])
+    factor = basis * spectrum @ basis.T
+    rounds = []
+    eigh = torch.linalg.eigh
+    monkeypatch.setattr(torch.linalg, "eigh", lambda matrix: rounds.append(matrix.shape[0]) or eigh(matrix))
+    values, vectors = top_eigenpairs(factor, 8)
+    assert rounds == [top_r.krylov_steps(384, 12) * 12 + 12, 384]  # one Rayleigh-Ritz, then the full eigh
+    full_values, full_vectors = eigh(factor)
+    torch.testing.assert_close(values, full_values.flip(0)[:8], rtol=1e-12, atol=0)
+
+
 def test_top_eigenpairs_fall_back_when_the_krylov_solver_does_not_converge(monkeypatch: pytest.MonkeyPatch):
     # Two equal leading eigenvalues with a third close below: too few steps to separate them.
     monkeypatch.setattr(top_r, "krylov_steps", lambda dim, block: 1)
