@@ -312,6 +312,27 @@ def test_bert_plain_and_peft_match_brute_force(bert: nn.Module, text_data: list)
         assert from_peft[name].fingerprint == pytest.approx(plain[name].fingerprint)
 
 
+def test_bert_last_block_matches_brute_force(bert: nn.Module, text_data: list) -> None:
+    """Only the pooled position of a sequence classifier's last block reaches the loss, so that
+    block's output gradients are exactly zero at every other position: the collection drops those
+    rows from `G` and `M` (they add nothing), and the sums must still be the brute-force ones."""
+    names = [f"bert.encoder.layer.1.{kind}" for kind in
+             ("attention.self.query", "attention.output.dense", "intermediate.dense", "output.dense")]
+    example = next(text_examples(text_data))
+    with Capture(bert, names) as capture:
+        example(bert)[0].backward()
+    bert.zero_grad(set_to_none=True)
+    for name in names:  # the premise: zero rows at every position but the first, none there
+        gradient = capture.calls[name][0][2].grad[0]
+        assert gradient.shape[0] > 1 and float(gradient[1:].abs().max()) == 0, name
+        assert float(gradient[0].abs().min()) > 0, name
+    reference = brute_force(bert, names, text_examples(text_data))
+    stats = fl.collect_fisher(bert, text_data, config(), target_modules=names)
+    assert_matches(stats, reference)
+    real_tokens = sum(int(batch["attention_mask"].sum()) for batch in text_data)
+    assert all(stats[name].num_tokens == real_tokens for name in names)  # zero rows still count as tokens
+
+
 def test_gpt2_conv1d_lm_matches_brute_force(gpt2: nn.Module, lm_data: list) -> None:
     stats = fl.collect_fisher(gpt2, lm_data, config(), target_modules=["c_attn", "c_fc"])
     reference = brute_force(gpt2, GPT2_LAYERS, lm_examples(lm_data))
