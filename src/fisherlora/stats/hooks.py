@@ -32,7 +32,7 @@ from ..phases import phase
 from ..terminal import log_line, progress_bars_wanted
 from .accumulators import LayerAccumulator
 from .errors import StatisticsError
-from .layers import TokenRows, input_rows, module_weight, output_gradient_rows
+from .layers import TokenRows, input_rows, kept_input_rows, module_weight, output_gradient_rows
 from .objective import LossTerms
 from .shared_inputs import InputKey, input_key, share_input_sums
 
@@ -64,21 +64,41 @@ class Recorder:
     active: bool = False
     records: list[Record] = field(default_factory=list)
     rows_by_input: dict[InputKey, TokenRows] = field(default_factory=dict)
+    terms: LossTerms | None = None  # the pass's loss terms when known before its forward (see recording)
+    row_indices: dict[tuple[tuple[int, ...], torch.device], torch.Tensor | None] = field(default_factory=dict)
 
     def clear(self) -> None:
         self.records.clear()
         self.rows_by_input.clear()
+        self.row_indices.clear()
+        self.terms = None
 
     @contextmanager
-    def recording(self) -> Iterator[None]:
-        """Record the layer calls of the forward pass run inside (previous records are dropped)."""
+    def recording(self, terms: LossTerms | None = None) -> Iterator[None]:
+        """Record the layer calls of the forward pass run inside (previous records are dropped).
+
+        `terms`: the pass's loss terms, when the step knows them before the forward; `add_forward`
+        must then be given the same object. The hooks copy only the kept rows of a linear layer's
+        input (one gather, instead of a copy of every row and a gather of it after the forward),
+        unless `M` is collected: it takes every row.
+        """
         self.clear()
+        if not any(accumulator.grad_mean_sum is not None for accumulator in self.accumulators):
+            self.terms = terms
         self.active = True
         try:
             with phase("forward"):
                 yield
         finally:
             self.active = False
+
+    def kept_rows(self, terms: LossTerms | None, leading_shape: tuple[int, ...],
+                  device: torch.device) -> torch.Tensor | None:
+        """`kept_row_index`, computed once per row shape and device in a pass."""
+        place = (leading_shape, device)
+        if place not in self.row_indices:
+            self.row_indices[place] = kept_row_index(terms, leading_shape, device)
+        return self.row_indices[place]
 
     def add_forward(self, terms: LossTerms | None, examples: int, batch_index: int) -> None:
         """Add every record's input rows to `A`: those of the examples and positions with a loss term
@@ -89,16 +109,17 @@ class Recorder:
     def _add_forward(self, terms: LossTerms | None, examples: int, batch_index: int) -> None:
         adding = share_input_sums(self.accumulators, self.records)
         kept_by_input: dict[InputKey, tuple[torch.Tensor, torch.Tensor | None]] = {}
-        index_by_shape: dict[tuple[tuple[int, ...], torch.device], torch.Tensor | None] = {}
         for record in self.records:
             kept = kept_by_input.get(record.input_key) if record.input_key is not None else None
             if kept is None:
                 rows = record.rows.inputs
-                place = (record.rows.leading_shape, rows.device)
-                if place not in index_by_shape:
-                    index_by_shape[place] = kept_row_index(terms, record.rows.leading_shape, rows.device)
-                index = index_by_shape[place]
-                kept = (rows.index_select(0, index) if index is not None else rows, index)
+                index = self.kept_rows(terms, record.rows.leading_shape, rows.device)
+                if record.rows.selected:  # the hook copied only the kept rows
+                    if terms is not self.terms:
+                        raise RuntimeError("add_forward was given other loss terms than the recording")
+                    kept = (rows, index)
+                else:
+                    kept = (rows.index_select(0, index) if index is not None else rows, index)
                 if record.input_key is not None:
                     kept_by_input[record.input_key] = kept
             rows, record.kept_rows = kept
@@ -202,7 +223,12 @@ def _record_hook(accumulator: LayerAccumulator, recorder: Recorder):  # noqa: AN
         rows = recorder.rows_by_input.get(key) if key is not None else None
         if rows is None:
             with phase("statistics"):
-                rows = input_rows(target.weight_module, target.layer_type, args[0])
+                if recorder.terms is not None and target.layer_type != "conv2d":
+                    leading_shape = tuple(args[0].shape[:-1])
+                    index = recorder.kept_rows(recorder.terms, leading_shape, args[0].device)
+                    rows = kept_input_rows(args[0], index)
+                else:
+                    rows = input_rows(target.weight_module, target.layer_type, args[0])
             if key is not None:
                 recorder.rows_by_input[key] = rows
         edge = get_gradient_edge(output) if output.requires_grad else None

@@ -126,6 +126,7 @@ class TokenRows:
 
     inputs: torch.Tensor
     leading_shape: tuple[int, ...]
+    selected: bool = False  # True: `inputs` holds only the kept rows (`kept_input_rows`)
 
 
 def input_rows(module: nn.Module, layer_type: str, layer_input: torch.Tensor) -> TokenRows:
@@ -153,6 +154,20 @@ def input_rows(module: nn.Module, layer_type: str, layer_input: torch.Tensor) ->
     # has read it (`x += fc(x)`), before the rows are added to `A`.
     rows = layer_input.detach().to(torch.float32, copy=True)
     return TokenRows(rows.reshape(-1, layer_input.shape[-1]), leading)
+
+
+def kept_input_rows(layer_input: torch.Tensor, kept_rows: torch.Tensor | None) -> TokenRows:
+    """The float32 rows `x_t` `(K, d_in)` of a linear or Conv1D layer's input `(..., d_in)` at the
+    kept row indices `kept_rows` `(K,)` int64 (None: every row), copied in one gather.
+
+    The gather is the copy `input_rows` makes: a later in-place write to the input cannot reach it.
+    """
+    flat = layer_input.detach().reshape(-1, layer_input.shape[-1])
+    if kept_rows is None:
+        rows = flat.to(torch.float32, copy=True)
+    else:  # index_select returns a new tensor; a narrower dtype is converted after the gather (fewer bytes)
+        rows = flat.index_select(0, kept_rows).float()
+    return TokenRows(rows, tuple(layer_input.shape[:-1]), selected=True)
 
 
 def output_gradient_rows(layer_type: str, output_gradient: torch.Tensor) -> torch.Tensor:

@@ -70,13 +70,21 @@ class DefaultLossStep:
     def __call__(self, model: nn.Module, batch: Any, recorder: Recorder, generator: torch.Generator,
                  batch_index: int) -> None:
         forward, labels, attention_mask = split_batch(batch)
-        with recorder.recording():
+        input_ids = batch.get("input_ids") if isinstance(batch, Mapping) else None
+        early = _terms_before_forward(self.layout, labels, input_ids, attention_mask)
+        with recorder.recording(early):
             outputs = forward(model)
         logits = logits_of(outputs)
         layout = self.layout or _layout_of_logits(logits)
         _check_logits_and_labels(layout, logits, labels, self.labels.needs_labels)
-        input_ids = batch.get("input_ids") if isinstance(batch, Mapping) else None
-        terms = batch_terms(layout, labels, input_ids, attention_mask, int(logits.shape[0]))
+        batch_size = int(logits.shape[0])
+        if early is None:
+            terms = batch_terms(layout, labels, input_ids, attention_mask, batch_size)
+        elif early.examples.shape[0] != batch_size:
+            raise StatisticsError(f"the model returned logits for {batch_size} examples, but batch {batch_index} "
+                                  f"has {early.examples.shape[0]}")
+        else:
+            terms = early  # batch_terms of the same arguments: the batch size was all it could not know
         assert terms.targets is not None
         targets = terms.targets.to(logits.device)
         recorder.add_forward(terms, terms.count, batch_index)
@@ -84,6 +92,25 @@ class DefaultLossStep:
             drawn = self.labels.draw(logits, targets, generator)
             recorder.backward(summed_cross_entropy(logits, drawn), terms.count, batch_index,
                               retain=draw < self.labels.draws - 1)
+
+
+def _terms_before_forward(layout: Layout | None, labels: torch.Tensor | None, input_ids: torch.Tensor | None,
+                          attention_mask: torch.Tensor | None) -> LossTerms | None:
+    """The batch's loss terms before its forward, where they do not depend on the logits (a declared
+    head with integer labels of its shape, or none); None otherwise. They let the hooks copy only
+    the kept rows (`Recorder.recording`)."""
+    if layout not in ("sequence", "token", "causal"):
+        return None
+    if labels is not None and (labels.dtype not in (torch.int64, torch.int32)
+                               or labels.dim() != (1 if layout == "sequence" else 2)):
+        return None
+    sized = next((tensor for tensor in (labels, input_ids, attention_mask) if tensor is not None), None)
+    if sized is None:
+        return None
+    try:
+        return batch_terms(layout, labels, input_ids, attention_mask, int(sized.shape[0]))
+    except (ValueError, RuntimeError, IndexError):
+        return None  # a malformed batch: the checks after the forward name what is wrong
 
 
 def _layout_of_logits(logits: torch.Tensor) -> Layout:
@@ -158,7 +185,7 @@ class CustomLossStep:
         for draw in range(self.batches.draws):
             drawn_batch = self.batches.draw(model, batch, generator)
             terms = self._terms(drawn_batch, batch_index)
-            with recorder.recording():
+            with recorder.recording(terms):
                 loss = self.loss_fn(model, drawn_batch)
             if self.mean_reduced:
                 # A mean over N loss units scales every g_t by 1/N; undo it so G does not depend on N.
