@@ -10,6 +10,7 @@ import fisherlora as fl
 from fisherlora.init import run_initializer
 from fisherlora.init.catalog import get_method
 from fisherlora.init.fisher_zero_step import PEFT_DEFAULT_A_ROW_NORM, FisherStepOptions, FisherZeroOptions
+from fisherlora.init.geometry import LayerGeometry
 
 from .test_initializers import identity_stats, make_stats
 
@@ -61,6 +62,18 @@ def test_fisher_zero_spans_the_fisher_chosen_input_directions(seed: int, source:
     gram = result.lora_a.double() @ result.lora_a.double().T
     torch.testing.assert_close(gram, PEFT_DEFAULT_A_ROW_NORM**2 * torch.eye(3, dtype=torch.float64), atol=1e-6, rtol=0)
     assert torch.equal(result.lora_b, torch.zeros(10, 3)) and torch.equal(result.residual, weight)
+
+
+@pytest.mark.parametrize("source", ["natural_gradient", "gradient"])
+def test_a_zero_start_holds_no_energy_and_skips_the_fisher_norm_of_w(source: str, monkeypatch: pytest.MonkeyPatch):
+    # B = 0: the captured energy is 0 whatever ||W||_F in the Fisher norm is, and that norm (a product
+    # of the wider factor with W, which these sources never form) is not computed.
+    def refuse(self, weight):
+        raise AssertionError("the Fisher norm of W was computed for a zero product")
+    monkeypatch.setattr(LayerGeometry, "fisher_norm_squared", refuse)
+    stats = make_stats(10, 8, seed=0, grad_rank=4)
+    result = run_initializer("fisher_zero", torch.randn(10, 8), stats, 3, 2.0, zero(source))
+    assert result.captured_energy == 0.0
 
 
 def test_fisher_zero_with_identity_statistics_takes_pissas_input_directions():

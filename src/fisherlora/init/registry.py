@@ -231,8 +231,13 @@ def compute_factors(
     captured = None
     damping_added = None
     if geometry is not None:
-        total = geometry.fisher_norm_squared(matrix)
-        held = low_rank_fisher_norm_squared(scaling * lora_b, lora_a, geometry.damped_grad_cov, geometry.damped_act_cov)
+        # A zero product (a zero start) holds nothing: the Fisher norm of W, which costs a product of
+        # the wider factor with W where no initializer formed it, is not needed.
+        held = 0.0
+        if bool(lora_b.any()) and bool(lora_a.any()):
+            held = low_rank_fisher_norm_squared(scaling * lora_b, lora_a, geometry.damped_grad_cov,
+                                                geometry.damped_act_cov)
+        total = geometry.fisher_norm_squared(matrix) if held > 0 else 0.0
         captured = held / total if total > 0 else 0.0
         damping_added = geometry.damping_added
     return LayerFactors(lora_a=lora_a, lora_b=lora_b, scaling=scaling,
