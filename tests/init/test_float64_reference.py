@@ -214,6 +214,24 @@ def test_a_weight_of_lower_rank_than_the_adapter_matches(method: str, shape: tup
     assert len(full_svds) == 1
 
 
+@pytest.mark.parametrize("shape", [(80, 50), (50, 80)])
+def test_a_gradient_of_lower_rank_than_the_adapter_matches(shape: tuple[int, int], monkeypatch: pytest.MonkeyPatch):
+    # Rank 2 < RANK: the whitened gradient's trailing singular values are rounding noise, so its
+    # triplets come from a full SVD of it (formed only then); the spectrum-weighted product matches
+    # (the unweighted rules' directions of noise singular values are arbitrary in either path).
+    generator = torch.Generator().manual_seed(sum(shape) + 1)
+    d_out, d_in = shape
+    gradient = torch.randn(d_out, 2, generator=generator) @ torch.randn(2, d_in, generator=generator)
+    act_half, grad_half = torch.randn(d_in, 90, generator=generator), torch.randn(d_out, 90, generator=generator)
+    stats = LayerStats(act_half @ act_half.T / 90, grad_half @ grad_half.T / 90, gradient, 10, 10, "linear", shape)
+    full_svds = []
+    svd = torch.linalg.svd
+    monkeypatch.setattr(torch.linalg, "svd", lambda matrix, **kwargs: full_svds.append(tuple(matrix.shape)) or
+                        svd(matrix, **kwargs))
+    assert_matches_reference("fisher_grad/spectrum", torch.randn(d_out, d_in, generator=generator), stats)
+    assert full_svds.count(shape) == 2  # ours and the reference's
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_sketched_statistics_match(variant: str, llama_stats):
     model, stats = llama_stats
@@ -292,7 +310,9 @@ def test_top_eigenpairs_give_up_after_one_round_when_the_top_is_flat(monkeypatch
     eigh = torch.linalg.eigh
     monkeypatch.setattr(torch.linalg, "eigh", lambda matrix: rounds.append(matrix.shape[0]) or eigh(matrix))
     values, vectors = top_eigenpairs(factor, 8)
-    assert rounds == [top_r.krylov_steps(384, 12) * 12 + 12, 384]  # one Rayleigh-Ritz, then the full eigh
+    # One round's Rayleigh-Ritz checks (one per step from the first checked), then the full eigh.
+    one_round = [12 * (step + 1) for step in range(top_r._FIRST_CHECK, top_r.krylov_steps(384, 12) + 1)]
+    assert rounds == [*one_round, 384]
     full_values, full_vectors = eigh(factor)
     torch.testing.assert_close(values, full_values.flip(0)[:8], rtol=1e-12, atol=0)
 

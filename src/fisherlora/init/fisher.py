@@ -12,8 +12,7 @@ from typing import ClassVar, Literal
 import torch
 
 from ..config import check_literals
-from ..stats.linalg import balanced_directions, balanced_factors
-from ..stats.top_r import top_singular_triplets
+from ..stats.linalg import balanced_directions, balanced_factors, inverse_whitened_triplets
 from .catalog import KRONECKER_AND_GRADIENT
 from .registry import LayerGeometry, register_initializer
 from .weight_only import singular_triplet_factors
@@ -91,7 +90,8 @@ def natural_gradient_factors(geometry: LayerGeometry, rank: int) -> tuple[torch.
     `U S V^T = svd(G^-1/2 M A^-1/2)` (damped factors): `R` is the best rank-r approximation, in the
     Fisher norm, of the natural-gradient direction `G^-1 M A^-1` (K-FAC, Martens & Grosse 2015).
     Computed with Cholesky factors `R R^T` of the damped factors as `svd(R_G^-1 M R_A^-T)` (the same
-    `R` and singular values for every choice of roots, see `linalg.Whitening`).
+    `R` and singular values for every choice of roots, see `linalg.Whitening`), from the narrower
+    side's Gram matrix (`linalg.inverse_whitened_triplets`).
 
     Returns:
         `left = R_G^-T U_r` `(d_out, r)`, `S_r` `(r,)`, `right = R_A^-T V_r` `(d_in, r)`, float64, with
@@ -100,10 +100,7 @@ def natural_gradient_factors(geometry: LayerGeometry, rank: int) -> tuple[torch.
     grad_mean = geometry.stats.grad_mean
     if grad_mean is None:  # run_initializer refuses this earlier, naming the module
         raise ValueError("the natural gradient needs grad_mean (collect with collect_grad_mean=True)")
-    grad_whitening, act_whitening = geometry.grad_whitening, geometry.act_whitening
-    whitened = act_whitening.solve(grad_whitening.solve(grad_mean.double()).T).T
-    left, values, right = top_singular_triplets(whitened, rank)
-    return grad_whitening.solve_transpose(left), values, act_whitening.solve_transpose(right)
+    return inverse_whitened_triplets(grad_mean, geometry.grad_whitening, geometry.act_whitening, rank)
 
 
 @register_initializer(

@@ -206,9 +206,10 @@ class LayerGeometry:
         `C = R_A^T (W^T G W) R_A` `(d_in, d_in)` (damped `G`; `U_k S_k = R_G^T W R_A V_k`, so the left
         factor `R_G^-T U_k = W R_A V_k / S_k` needs no root of `G`), else `R_G^T (W A W^T) R_G`.
         So only the narrower factor is Cholesky-factorized, and the wider one enters through one
-        product with `W`. `C` squares the condition number: when `S_k < 1e-4 S_1` the triplets
-        come from the whitened weight's SVD instead (both roots). Kept for the next call (a call
-        for fewer triplets slices it).
+        product with `W`; `C` is applied to the Krylov blocks as three products and formed only for a
+        full decomposition (`Whitening.congruence`). `C` squares the condition number: when
+        `S_k < 1e-4 S_1` the triplets come from the whitened weight's SVD instead (both roots). Kept
+        for the next call (a call for fewer triplets slices it).
         """
         if self.spectrum is not None and self.spectrum.count >= count:
             return self.spectrum
@@ -216,10 +217,11 @@ class LayerGeometry:
         tall = matrix.shape[0] >= matrix.shape[1]
         narrow = self.act_whitening if tall else self.grad_whitening
         fisher_gram = matrix.T @ (self.damped_grad_cov @ matrix) if tall else matrix @ (self.damped_act_cov @ matrix.T)
-        whitened = narrow.transpose_times(narrow.transpose_times(0.5 * (fisher_gram + fisher_gram.T)).T)
-        whitened = 0.5 * (whitened + whitened.T)
-        total = float(whitened.trace())
-        eigenvalues, vectors = top_eigenpairs(whitened, count)
+        fisher_gram = 0.5 * (fisher_gram + fisher_gram.T)
+        # tr C = tr(F R R^T) = <F, damped narrow factor>: C itself is applied, never formed (the
+        # congruence would cost d^3, a converged top-r solve ~100 products of 3 d^2 each).
+        total = float((fisher_gram * (self.damped_act_cov if tall else self.damped_grad_cov)).sum())
+        eigenvalues, vectors = top_eigenpairs(narrow.congruence(fisher_gram), count)
         values = eigenvalues.clamp_min(0).sqrt()
         if float(values[-1]) <= 1e-4 * float(values[0]):  # also a zero weight
             left, values, right = top_singular_triplets(self.whitened_weight(matrix), count)

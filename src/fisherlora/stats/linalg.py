@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .top_r import SymmetricOperator, top_eigenpairs
+
 
 @dataclass(frozen=True)
 class FactorRoots:
@@ -196,6 +198,56 @@ class Whitening:
             return torch.linalg.solve_triangular(self.lower.T, matrix.to(self.lower.dtype), upper=True)
         assert self.roots is not None
         return self.roots.inverse_root @ matrix.to(self.roots.inverse_root.dtype)
+
+    def congruence(self, matrix: torch.Tensor) -> SymmetricOperator:
+        """`R^T F R` for a symmetric `F` `(d, d)` float64, as an operator: `R^T (F (R X))` costs `~3 d^2`
+        per column where forming it costs `~d^3`, and a top-`r` solve needs ~100 columns of `d = 576`."""
+        return SymmetricOperator(matrix.shape[0], lambda block: self.transpose_times(matrix @ self.times(block)),
+                                 lambda: _symmetric(self.transpose_times(self.transpose_times(matrix).T)),
+                                 matrix.device)
+
+    def inverse_congruence(self, matrix: torch.Tensor) -> SymmetricOperator:
+        """`R^-1 F R^-T` for a symmetric `F` `(d, d)` float64, as an operator (see `congruence`)."""
+        return SymmetricOperator(matrix.shape[0], lambda block: self.solve(matrix @ self.solve_transpose(block)),
+                                 lambda: _symmetric(self.solve(self.solve(matrix).T)), matrix.device)
+
+
+def _symmetric(matrix: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (matrix + matrix.T)
+
+
+def inverse_whitened_triplets(matrix: torch.Tensor, output: Whitening, inputs: Whitening,
+                              count: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The leading `count` singular triplets of `X = R_out^-1 M R_in^-T`, un-whitened: `R_out^-T U_k`,
+    `S_k`, `R_in^-T V_k` (float64), e.g. the rank-`k` natural gradient for `M` the mean gradient and
+    the roots of the damped `G` and `A` (the product is the same for every choice of roots).
+
+    The wider side's root is applied to `M` once; the top-`k` eigenpairs of the narrower side's
+    Gram matrix (`X^T X = R_in^-1 (H^T H) R_in^-T` with `H = R_out^-1 M` for `d_out >= d_in`) come
+    from `top_eigenpairs` with the narrower root inside its products (`Whitening.inverse_congruence`),
+    and the other side's vectors from `H`: `R_out^-T U_k = R_out^-T H (R_in^-T V_k) / S_k`. When
+    `S_k < 1e-4 S_1` (the Gram matrix squares the condition number), from a full SVD of `X`.
+
+    Args:
+        matrix: `M` `(d_out, d_in)`. output, inputs: roots of the `(d_out, d_out)` and `(d_in, d_in)` factors.
+    """
+    matrix = matrix.double()
+    tall = matrix.shape[0] >= matrix.shape[1]
+    half = output.solve(matrix) if tall else inputs.solve(matrix.T).T  # R_out^-1 M, or M R_in^-T
+    narrow = inputs if tall else output
+    values, vectors = top_eigenpairs(narrow.inverse_congruence(_symmetric(half.T @ half if tall else half @ half.T)),
+                                     count)
+    singular_values = values.clamp_min(0).sqrt()
+    if float(singular_values[-1]) <= 1e-4 * float(singular_values[0]):  # also a zero matrix
+        whitened = inputs.solve(half.T).T if tall else output.solve(half)
+        left, full_values, right_transposed = torch.linalg.svd(whitened, full_matrices=False)
+        return (output.solve_transpose(left[:, :count]), full_values[:count],
+                inputs.solve_transpose(right_transposed[:count].T))
+    near = narrow.solve_transpose(vectors)  # the narrower side's un-whitened vectors
+    far = (half @ near if tall else half.T @ near) / singular_values  # X V_k / S_k = U_k (or X^T U_k / S_k)
+    if tall:
+        return output.solve_transpose(far), singular_values, near
+    return near, singular_values, inputs.solve_transpose(far)
 
 
 def upper_triangular_times(upper: torch.Tensor, matrix: torch.Tensor, block: int = 256) -> torch.Tensor:

@@ -8,6 +8,9 @@ fails, so their answer is the full decomposition's to the stated tolerance, only
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 
 # Residual `||F v - lambda v|| <= TOLERANCE * lambda_max` of every returned eigenpair: the angle
@@ -20,6 +23,7 @@ _MAX_STEPS = 15
 _MIN_STEPS = 6
 _BASIS_FRACTION = 3  # the Krylov basis stays below a third of `d`: beyond, a full eigh costs less
 _ROUNDS = 4
+_FIRST_CHECK = 4  # Rayleigh-Ritz after every step from the fifth: none converged sooner on the models measured
 
 
 def krylov_steps(dim: int, block: int) -> int:
@@ -31,31 +35,58 @@ def krylov_steps(dim: int, block: int) -> int:
     return steps if steps >= _MIN_STEPS else 0
 
 
-def top_eigenpairs(factor: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+@dataclass(frozen=True)
+class SymmetricOperator:
+    """A symmetric positive semi-definite `(d, d)` matrix `F` given by its products, so that the block
+    Krylov method never needs `F` itself (e.g. `C = R^T F R` applied as three products, without
+    forming the congruence).
+
+    Attributes:
+        dim: `d`.
+        apply: `X (d, p) -> F X (d, p)`, float64.
+        dense: returns `F` `(d, d)` float64, for the full decomposition (called only when the Krylov
+            method is not used or does not converge).
+        device: where the products are formed.
+    """
+
+    dim: int
+    apply: Callable[[torch.Tensor], torch.Tensor]
+    dense: Callable[[], torch.Tensor]
+    device: torch.device
+
+    @classmethod
+    def of(cls, matrix: torch.Tensor) -> SymmetricOperator:
+        """The operator of an explicit symmetric `(d, d)` matrix (converted to float64 once)."""
+        matrix = matrix.double()
+        return cls(matrix.shape[0], matrix.__matmul__, lambda: matrix, matrix.device)
+
+
+def top_eigenpairs(factor: torch.Tensor | SymmetricOperator, count: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Leading eigenpairs of a symmetric positive semi-definite matrix, in float64.
 
     Block Lanczos with full re-orthogonalization: the basis `Q_0, ..., Q_s` with `Q_0` an
     orthonormal block of `count + max(4, count // 2)` columns (a fixed seed) and `Q_{j+1}` the
-    part of `F Q_j` orthogonal to the blocks before it, then Rayleigh-Ritz on the basis (whose
-    products with `F` the iteration has already formed); restarted from the leading Ritz vectors
-    until every wanted pair's residual is below `TOLERANCE * lambda_max` (one or two rounds on the
-    factors and Gram matrices of the models measured). A full `eigh` when fewer than 6 steps fit
-    in a basis of a third of `d` (`krylov_steps`), or as soon as the residual after round `j` is
-    above `TOLERANCE ** (j / 4) * lambda_max` (not on course to converge in 4 rounds: an eigengap
-    at the cut too small for the Krylov method, e.g. the nearly flat top of a whitened gradient of
-    few examples; one round, a few percent of the full decomposition, is lost).
+    part of `F Q_j` orthogonal to the blocks before it, and Rayleigh-Ritz on the basis (whose
+    products with `F` the iteration has already formed) after every step from the fifth: it stops
+    as soon as every wanted pair's residual is below `TOLERANCE * lambda_max`, else restarts from the
+    leading Ritz vectors after `krylov_steps` steps (one round, 6 to 11 steps, on the factors and
+    Gram matrices of the models measured). A full `eigh` when fewer than 6 steps fit in a basis of
+    a third of `d` (`krylov_steps`), or as soon as the residual after round `j` is above
+    `TOLERANCE ** (j / 4) * lambda_max` (not on course to converge in 4 rounds: an eigengap at the
+    cut too small for the Krylov method, e.g. the nearly flat top of a whitened gradient of few
+    examples; one round, a few percent of the full decomposition, is lost).
 
     Args:
-        factor: symmetric PSD `(d, d)`, any float dtype.
+        factor: symmetric PSD `(d, d)`, any float dtype, or a `SymmetricOperator`.
         count: `k <= d` pairs.
 
     Returns:
         eigenvalues `(k,)` descending and eigenvectors `(d, k)` as columns (float64), each with its
         largest-magnitude entry positive.
     """
-    matrix = factor.double()
-    found = _krylov(matrix, count)
-    return found if found is not None else _full(matrix, count)
+    operator = factor if isinstance(factor, SymmetricOperator) else SymmetricOperator.of(factor)
+    found = _krylov(operator, count)
+    return found if found is not None else _full(operator.dense(), count)
 
 
 def bottom_eigenpairs(matrix: torch.Tensor, count: int, upper: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,43 +102,56 @@ def bottom_eigenpairs(matrix: torch.Tensor, count: int, upper: float) -> tuple[t
     matrix = 0.5 * (matrix + matrix.T).double()
     shifted = -matrix
     shifted.diagonal().add_(upper)
-    found = _krylov(shifted, count)
+    found = _krylov(SymmetricOperator.of(shifted), count)
     if found is not None:
         return upper - found[0], found[1]
     values, vectors = torch.linalg.eigh(matrix)
     return values[:count], _signed(vectors[:, :count])
 
 
-def _krylov(matrix: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """`top_eigenpairs` by block Lanczos (float64 `matrix`), or None where the full decomposition is
-    cheaper or the iteration does not converge."""
-    dim = matrix.shape[0]
+def _krylov(operator: SymmetricOperator, count: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """`top_eigenpairs` by block Lanczos, or None where the full decomposition is cheaper or the
+    iteration does not converge."""
+    dim = operator.dim
     block = count + max(_EXTRA_COLUMNS, count // 2)
     steps = krylov_steps(dim, block)
     if steps == 0:
         return None
     generator = torch.Generator(device="cpu").manual_seed(0)
-    start = torch.randn(dim, block, generator=generator, dtype=torch.float64).to(matrix.device)
+    start = torch.randn(dim, block, generator=generator, dtype=torch.float64).to(operator.device)
     for done in range(1, _ROUNDS + 1):
-        blocks = [torch.linalg.qr(start)[0]]
-        products = []
+        basis = torch.linalg.qr(start)[0]
+        product = operator.apply(basis)
+        projected = basis.T @ product  # Q^T F Q, grown by a block row and column each step
         for step in range(steps + 1):
-            products.append(matrix @ blocks[-1])
-            if step < steps:
-                blocks.append(_orthogonal_block(torch.cat(blocks, dim=1), products[-1]))
-        basis, product = torch.cat(blocks, dim=1), torch.cat(products, dim=1)
-        small = basis.T @ product
-        values, vectors = torch.linalg.eigh(0.5 * (small + small.T))
-        values, vectors = values.flip(0), vectors.flip(1)
-        ritz = basis @ vectors[:, :count]
-        residual = float((product @ vectors[:, :count] - ritz * values[:count]).norm(dim=0).max())
-        scale = max(float(values[0]), 1e-300)
-        if residual <= TOLERANCE * scale:
-            return values[:count], _signed(ritz)
+            if step >= _FIRST_CHECK or step == steps:
+                values, vectors, residual = _rayleigh_ritz(basis, product, projected, count)
+                scale = max(float(values[0]), 1e-300)
+                if residual <= TOLERANCE * scale:
+                    return values[:count], _signed(basis @ vectors[:, :count])
+            if step == steps:
+                break
+            new = _orthogonal_block(basis, product[:, -block:])
+            new_product = operator.apply(new)
+            cross = basis.T @ new_product
+            projected = torch.cat([torch.cat([projected, cross], dim=1),
+                                   torch.cat([cross.T, new.T @ new_product], dim=1)], dim=0)
+            basis, product = torch.cat([basis, new], dim=1), torch.cat([product, new_product], dim=1)
         if residual > TOLERANCE ** (done / _ROUNDS) * scale:  # too slow to converge in the rounds left
             return None
         start = basis @ vectors[:, :block]
     return None
+
+
+def _rayleigh_ritz(basis: torch.Tensor, product: torch.Tensor, projected: torch.Tensor,
+                   count: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Ritz values (descending) and vectors (in basis coordinates) of the projected matrix, and the
+    largest residual `||F Q y - theta Q y||` of the leading `count` pairs."""
+    values, vectors = torch.linalg.eigh(0.5 * (projected + projected.T))
+    values, vectors = values.flip(0), vectors.flip(1)
+    wanted = vectors[:, :count]
+    residual = float((product @ wanted - (basis @ wanted) * values[:count]).norm(dim=0).max())
+    return values, vectors, residual
 
 
 def _orthogonal_block(basis: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
