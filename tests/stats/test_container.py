@@ -148,3 +148,37 @@ def test_weight_fingerprint() -> None:
     low_rank = 0.3 * torch.randn(6, 1, generator=generator) @ torch.randn(1, 5, generator=generator)
     assert not fingerprints_match(reference, weight_fingerprint(weight - low_rank))
     assert not fingerprints_match(reference, weight_fingerprint(weight.flip(0)))
+
+
+def test_loaded_statistics_share_the_factors_their_layers_shared(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Statistics of q/k/v (one input factor) and gate/up saved and loaded: the loaded layers share
+    one tensor again, so an initializer factorizes it once, as with the collected statistics."""
+    from fisherlora.init import geometry
+    from fisherlora.init.registry import compute_factors
+    from models import lm_batches, tiny_llama
+
+    model = tiny_llama(vocab_size=40)
+    config = fl.FisherConfig(progress=False, method="fisher_grad", num_batches=None)
+    stats = fl.collect_fisher(model, lm_batches(count=2), config,
+                              target_modules=["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"])
+    stats.save(tmp_path / "stats.safetensors")
+    loaded = fl.FisherStats.load(tmp_path / "stats.safetensors")
+    assert_same(loaded, stats)
+    distinct = len({id(layer.act_cov) for layer in stats.values()})
+    assert len({id(layer.act_cov) for layer in loaded.values()}) == distinct < len(stats)
+
+    def factorizations(statistics: fl.FisherStats) -> int:
+        seen: list[torch.Tensor] = []
+        cholesky = geometry.cholesky_whitening
+        with monkeypatch.context() as patch:
+            patch.setattr(geometry, "cholesky_whitening",
+                          lambda *args, **kwargs: seen.append(args[0]) or cholesky(*args, **kwargs))
+            cache = geometry.FactorCache(statistics.values())
+            for name, layer in statistics.items():
+                compute_factors("fisher_grad", model.get_submodule(name).weight.detach(), layer, 2, 2.0, config,
+                                cache=cache)
+                cache.done(layer)
+        return len(seen)
+
+    assert factorizations(loaded) == factorizations(stats)

@@ -217,10 +217,11 @@ class FisherStats(Mapping[str, LayerStats]):
         if meta.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"{source} has format version {meta.get('format_version')}, expected {FORMAT_VERSION}")
         layers = {}
+        shared = _SharedFactors()
         for name, info in meta["layers"].items():
             layers[name] = LayerStats(
-                act_cov=_load_factor(tensors, name, "act_cov", info),
-                grad_cov=_load_factor(tensors, name, "grad_cov", info),
+                act_cov=shared.get(_load_factor(tensors, name, "act_cov", info)),
+                grad_cov=shared.get(_load_factor(tensors, name, "grad_cov", info)),
                 grad_mean=tensors.get(f"{name}::grad_mean"),
                 num_tokens=int(info["num_tokens"]),
                 num_examples=int(info["num_examples"]),
@@ -236,6 +237,32 @@ class FisherStats(Mapping[str, LayerStats]):
             model_dtype=meta.get("model_dtype", "torch.float32"),
             world_size=int(meta.get("world_size", 1)),
         )
+
+
+class _SharedFactors:
+    """Gives bit-identical dense factors one tensor object again on load.
+
+    Layers that read one tensor (query/key/value, gate/up) share their `A` when collected, and the
+    initializers factorize a shared factor once (`init.geometry.FactorCache`, keyed by the tensor).
+    `save` writes each sharer as a copy (safetensors refuses shared storage), so a loaded file would
+    factorize every copy again; equal factors are the same statistic whichever layer they came from,
+    so sharing them is exact, and files stay readable by older versions.
+    """
+
+    def __init__(self) -> None:
+        self.seen: dict[tuple[Any, ...], list[torch.Tensor]] = {}
+
+    def get(self, factor: torch.Tensor | LowRankFactor) -> torch.Tensor | LowRankFactor:
+        if not isinstance(factor, torch.Tensor):
+            return factor
+        # A cheap key first (shape, dtype, trace, a corner entry); `torch.equal` decides.
+        key = (tuple(factor.shape), factor.dtype, float(factor.diagonal().sum()), float(factor.flatten()[-1]))
+        candidates = self.seen.setdefault(key, [])
+        for candidate in candidates:
+            if torch.equal(candidate, factor):
+                return candidate
+        candidates.append(factor)
+        return factor
 
 
 def _factor_metadata(layer: LayerStats) -> dict[str, Any]:
