@@ -156,15 +156,17 @@ def assert_matches_reference(variant: str, weight: torch.Tensor, stats: LayerSta
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_llama_layers_match_the_float64_path(variant: str, llama_stats, monkeypatch: pytest.MonkeyPatch):
     model, stats = llama_stats
-    factorized = []
-    cholesky = geometry.cholesky_whitening
+    factorized, damped = [], []
+    cholesky, damp = geometry.cholesky_whitening, geometry.damp
     monkeypatch.setattr(geometry, "cholesky_whitening", lambda *args, **kwargs: factorized.append(args[0]) or
                         cholesky(*args, **kwargs))
+    monkeypatch.setattr(geometry, "damp", lambda *args: damped.append(id(args[0])) or damp(*args))
     cache = FactorCache(stats.values())  # shared by the layers, as write_adapters shares it
     for name in stats:
         assert_matches_reference(variant, model.get_submodule(name).weight.detach(), stats[name], cache=cache)
         cache.done(stats[name])
     assert cache.entries == {}, "every entry is dropped after its factor's last layer"
+    assert len(damped) == len(set(damped)), "each factor is converted and damped once (Cholesky and norms share it)"
     if variant.startswith("fisher_grad"):  # one Cholesky for the input of q/k/v, one for gate/up
         distinct_inputs = {id(stats[name].act_cov) for name in stats}
         assert len(distinct_inputs) == 4 and len(factorized) == len(distinct_inputs) + len(stats)

@@ -141,21 +141,23 @@ class LayerGeometry:
         """`F + damping * mean(diag F) I` `(d, d)` float64 (`dense` is `F` as a dense tensor)."""
         return self._shared(factor, "damped", lambda: damp(dense, self.damping, torch.float64)[0])
 
-    def _whitening(self, factor: torch.Tensor | LowRankFactor) -> Whitening:
+    def _whitening(self, factor: torch.Tensor | LowRankFactor, damped: Callable[[], torch.Tensor]) -> Whitening:
+        """`damped` returns the damped factor, kept by this geometry (the Cholesky factor and the
+        Fisher norms read the same copy: a 1536-wide one costs ~10 ms to convert and damp)."""
         if isinstance(factor, LowRankFactor):
             roots = self._roots(factor)
             return Whitening(lower=None, roots=roots, damping_added=roots.damping_added)
         return self._shared(factor, "cholesky", lambda: cholesky_whitening(
-            self._on_device(factor), self.damping, damped=self._damped(factor, self._on_device(factor))))
+            self._on_device(factor), self.damping, damped=damped()))
 
     @cached_property
     def damped_act_cov(self) -> torch.Tensor:
-        """The damped `A` `(d_in, d_in)` float64 (shared with the Cholesky factor)."""
+        """The damped `A` `(d_in, d_in)` float64 (the Cholesky factor's input)."""
         return self._damped(self.source.act_cov, self.stats.act_cov)
 
     @cached_property
     def damped_grad_cov(self) -> torch.Tensor:
-        """The damped `G` `(d_out, d_out)` float64 (shared with the Cholesky factor)."""
+        """The damped `G` `(d_out, d_out)` float64 (the Cholesky factor's input)."""
         return self._damped(self.source.grad_cov, self.stats.grad_cov)
 
     @cached_property
@@ -172,12 +174,12 @@ class LayerGeometry:
     @cached_property
     def act_whitening(self) -> Whitening:
         """A square root `R_A` of the damped `A` (Cholesky when dense)."""
-        return self._whitening(self.source.act_cov)
+        return self._whitening(self.source.act_cov, lambda: self.damped_act_cov)
 
     @cached_property
     def grad_whitening(self) -> Whitening:
         """A square root `R_G` of the damped `G` (Cholesky when dense)."""
-        return self._whitening(self.source.grad_cov)
+        return self._whitening(self.source.grad_cov, lambda: self.damped_grad_cov)
 
     @cached_property
     def act_inverse(self) -> torch.Tensor:
