@@ -181,7 +181,9 @@ class Whitening:
     def solve(self, matrix: torch.Tensor) -> torch.Tensor:
         """`R^{-1} X` for `X` `(d, n)`."""
         if self.lower is not None:
-            return torch.linalg.solve_triangular(self.lower, matrix.to(self.lower.dtype), upper=False)
+            # As the right-hand solve `X^T R^-T`: with row-major tensors, MKL's is ~25% faster
+            # (`d = 1536`, `n = 576`: 42 ms against 56 on one thread).
+            return torch.linalg.solve_triangular(self.lower.T, matrix.to(self.lower.dtype).T, upper=True, left=False).T
         assert self.roots is not None
         return self.roots.inverse_root @ matrix.to(self.roots.inverse_root.dtype)
 
@@ -194,8 +196,8 @@ class Whitening:
 
     def solve_transpose(self, matrix: torch.Tensor) -> torch.Tensor:
         """`R^{-T} X` for `X` `(d, n)`."""
-        if self.lower is not None:
-            return torch.linalg.solve_triangular(self.lower.T, matrix.to(self.lower.dtype), upper=True)
+        if self.lower is not None:  # as `X^T R^-1` (see `solve`)
+            return torch.linalg.solve_triangular(self.lower, matrix.to(self.lower.dtype).T, upper=False, left=False).T
         assert self.roots is not None
         return self.roots.inverse_root @ matrix.to(self.roots.inverse_root.dtype)
 
