@@ -17,6 +17,7 @@ from ..stats.linalg import (
     damp,
     fisher_norm_squared_damped,
     symmetric_roots,
+    whitened_norm_squared,
 )
 from ..stats.sketch import LowRankFactor
 from ..stats.top_r import top_eigenpairs, top_singular_triplets
@@ -238,12 +239,15 @@ class LayerGeometry:
 
     def fisher_norm_squared(self, weight: torch.Tensor) -> float:
         """`||G^{1/2} W A^{1/2}||_F^2` of this layer's weight with the damped factors: the spectrum's
-        total when `weight_spectrum` has run (or `fisher_norm_of_weight`), else `<G W, W A>` in
-        float32 (no root; relative error ~1e-6, enough for the captured-energy ratio it feeds)."""
+        total when `weight_spectrum` has run (or `fisher_norm_of_weight`), else `||R_G^T W R_A||_F^2`
+        when an initializer has formed both roots (`linalg.whitened_norm_squared`), else `<G W, W A>`
+        in float32 (no root; relative error ~1e-6, enough for the captured-energy ratio it feeds)."""
         if self.spectrum is not None:
             return self.spectrum.total
         if self.fisher_norm_of_weight is not None:
             return self.fisher_norm_of_weight
+        if "grad_whitening" in self.__dict__ and "act_whitening" in self.__dict__:  # cached_property values
+            return whitened_norm_squared(weight, self.grad_whitening, self.act_whitening)
         return fisher_norm_squared_damped(weight, self.stats.grad_cov, self.stats.act_cov, self.damping,
                                           dtype=torch.float32)
 
