@@ -121,7 +121,7 @@ def _krylov(operator: SymmetricOperator, count: int) -> tuple[torch.Tensor, torc
     start = torch.randn(dim, block, generator=generator, dtype=torch.float64).to(operator.device)
     for done in range(1, _ROUNDS + 1):
         basis = torch.linalg.qr(start)[0]
-        product = operator.apply(basis)
+        product = last = operator.apply(basis)  # F Q, and F Q_j of the newest block
         projected = basis.T @ product  # Q^T F Q, grown by a block row and column each step
         for step in range(steps + 1):
             if step >= _FIRST_CHECK or step == steps:
@@ -131,12 +131,12 @@ def _krylov(operator: SymmetricOperator, count: int) -> tuple[torch.Tensor, torc
                     return values[:count], _signed(basis @ vectors[:, :count])
             if step == steps:
                 break
-            new = _orthogonal_block(basis, product[:, -block:])
-            new_product = operator.apply(new)
-            cross = basis.T @ new_product
+            new = _orthogonal_block(basis, last)
+            last = operator.apply(new)
+            cross = basis.T @ last
             projected = torch.cat([torch.cat([projected, cross], dim=1),
-                                   torch.cat([cross.T, new.T @ new_product], dim=1)], dim=0)
-            basis, product = torch.cat([basis, new], dim=1), torch.cat([product, new_product], dim=1)
+                                   torch.cat([cross.T, new.T @ last], dim=1)], dim=0)
+            basis, product = torch.cat([basis, new], dim=1), torch.cat([product, last], dim=1)
         if residual > TOLERANCE ** (done / _ROUNDS) * scale:  # too slow to converge in the rounds left
             return None
         start = basis @ vectors[:, :block]
