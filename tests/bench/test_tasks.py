@@ -16,9 +16,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
 from fisherlora.bench import data, tasks
 from fisherlora.bench.pointwise import pointwise_conv_names
+from fisherlora.bench.tasks.common import ListDataset
 
 # ----------------------------------------------------------------------------- data readers
 
@@ -393,3 +395,27 @@ def test_vision_batchnorm_stays_frozen(vision_task: tasks.Task) -> None:
     model(**next(iter(vision_task.train_loader(batch_size=4, seed=0))))
     after = model.state_dict()
     assert all(torch.equal(value, after[key]) for key, value in before.items())
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("name", ["text", "lm"])
+def test_evaluation_batches_group_lengths_and_keep_the_metric(name: str, text_task: tasks.Task,
+                                                              lm_task: tasks.Task) -> None:
+    task = {"text": text_task, "lm": lm_task}[name]
+    assert task.example_length is not None
+    batch_size = 4
+    in_split_order = DataLoader(ListDataset(task.test_examples), batch_size=batch_size, collate_fn=task.collate)
+    batches = list(task.test_loader(batch_size=batch_size))
+    # Every test example exactly once, whatever the order.
+    rows = [tuple(row.tolist()) for batch in batches for row in _rows_without_padding(batch)]
+    expected = [tuple(row.tolist()) for batch in in_split_order for row in _rows_without_padding(batch)]
+    assert sorted(rows) == sorted(expected) and len(rows) == len(task.test_examples)
+    # Grouped by length: never more padded positions than batches in the split's order.
+    padded = sum(int((batch["attention_mask"] == 0).sum()) for batch in batches)
+    assert padded <= sum(int((batch["attention_mask"] == 0).sum()) for batch in in_split_order)
+    model = task.model_factory(0)
+    assert task.evaluate(model, batches) == task.evaluate(model, in_split_order)
+
+
+def _rows_without_padding(batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    return [ids[mask.bool()] for ids, mask in zip(batch["input_ids"], batch["attention_mask"], strict=True)]

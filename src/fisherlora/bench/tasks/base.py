@@ -44,6 +44,9 @@ class Task:
       training flag restored afterwards.
     - ``train_examples`` etc. are the raw examples after subsetting; ``collate`` turns a list
       of them into a :data:`Batch`.
+    - ``example_length(example)`` -> its length in any unit that grows with its padded size (None:
+      all examples are the same size); validation and test batches are formed from examples in
+      order of length, so each batch pads to little more than its own examples.
 
     Raises ``ValueError`` at construction for a ``task_type`` outside :data:`TASK_TYPES`.
     """
@@ -63,6 +66,7 @@ class Task:
     num_labels: int | None = None
     label_names: list[str] = field(default_factory=list)
     tokenizer: Any = None
+    example_length: Callable[[Any], int] | None = None
 
     def __post_init__(self) -> None:
         check_task_type(self.name, self.task_type)
@@ -108,6 +112,11 @@ class Task:
         ]
 
     def _fixed_loader(self, examples: Sequence[Any], batch_size: int) -> DataLoader:
+        # Evaluation metrics are means over examples, so their order is free: grouping similar
+        # lengths cut padding, and with it a text stage-2 run's evaluation time (2,300 examples).
+        if self.example_length is not None:
+            length = self.example_length
+            examples = sorted(examples, key=length)  # stable: ties keep the split's order
         return DataLoader(ListDataset(examples), batch_size=batch_size, shuffle=False, collate_fn=self.collate)
 
 

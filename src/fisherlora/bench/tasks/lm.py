@@ -230,4 +230,9 @@ def build_lm_task(config: LMTaskConfig) -> Task:
         collate=lm_collate(tokenizer.pad_token_id),
         evaluate=exact_match_evaluator(tokenizer),
         tokenizer=tokenizer,
+        example_length=_prompt_answer_length,
     )
+
+
+def _prompt_answer_length(example: tuple[list[int], list[int]]) -> int:
+    return len(example[0]) + len(example[1])

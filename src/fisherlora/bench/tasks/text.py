@@ -219,7 +219,12 @@ def sequence_classification_task(
         num_labels=len(label_names),
         label_names=label_names,
         tokenizer=tokenizer,
+        example_length=_text_length,
     )
+
+
+def _text_length(example: tuple[str, int]) -> int:
+    return len(example[0])  # characters: a proxy for tokens that needs no tokenizer pass
 
 
 def _select(texts: list[str], labels: list[str], indices: Sequence[int]) -> tuple[list[str], list[str]]:
