@@ -82,7 +82,7 @@ def _adapter_factors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("suffixes, allocation", [("+source=gradient", "uniform"),
-                                                  ("+source=natural_gradient+alloc", "fisher")])
+                                                  ("+source=weight+alloc", "fisher")])
 def test_an_option_suffix_builds_what_initialize_lora_fisher_builds_with_those_options(suffixes: str, allocation: str):
     from peft import get_peft_model
 
@@ -101,7 +101,7 @@ def test_an_option_suffix_builds_what_initialize_lora_fisher_builds_with_those_o
     expected = _adapter_factors(direct)
     got = _adapter_factors(built)
     assert got.keys() == expected.keys() and all(torch.equal(got[name], expected[name]) for name in expected)
-    # ...and the suffix changed something: the default source (weight) gives other directions.
+    # ...and the suffix changed something: the default source (natural_gradient) gives other directions.
     torch.manual_seed(0)
     default = _adapter_factors(build_model("fisher_zero" + suffixes.replace(f"+source={source}", ""), tiny_bert(),
                                            SPEC, batches, FisherConfig(progress=False)))
@@ -170,9 +170,9 @@ def test_an_option_suffix_is_a_different_run_and_plain_names_keep_their_identity
                   for source in ("weight", "natural_gradient", "gradient")]
     assert [identity["options"] for identity in identities] == [{"source": s} for s in
                                                                  ("weight", "natural_gradient", "gradient")]
-    # The plain name is the default source, identified exactly as before option suffixes existed.
-    assert method_identity("fisher_zero", config) == identities[0]
-    assert method_identity("fisher_zero+alloc", config)["options"] == {"source": "weight"}
+    # The plain name is the default source (natural_gradient), with the same identity as naming it.
+    assert method_identity("fisher_zero", config) == identities[1]
+    assert method_identity("fisher_zero+alloc", config)["options"] == {"source": "natural_gradient"}
 
 
 def test_every_declared_benchmark_variant_is_a_valid_method_name():
@@ -183,5 +183,5 @@ def test_every_declared_benchmark_variant_is_a_valid_method_name():
         for variant in entry.benchmark_variants:
             effective_config(entry.name + variant)
     for name in ("text", "lm", "vision"):
-        assert {"fisher_zero+source=natural_gradient", "fisher_zero+source=gradient"} <= set(PRESETS[name].methods)
+        assert {"fisher_zero+source=weight", "fisher_zero+source=gradient"} <= set(PRESETS[name].methods)
     assert not any("=" in method for method in PRESETS["quick"].methods)

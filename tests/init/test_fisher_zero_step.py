@@ -76,9 +76,9 @@ def test_a_zero_start_holds_no_energy_and_skips_the_fisher_norm_of_w(source: str
     assert result.captured_energy == 0.0
 
 
-def test_fisher_zero_with_identity_statistics_takes_pissas_input_directions():
+def test_fisher_zero_weight_source_with_identity_statistics_takes_pissas_input_directions():
     weight = torch.randn(7, 6, generator=torch.Generator().manual_seed(0))
-    config = fl.FisherConfig(method="fisher_zero", damping=0.0)
+    config = fl.FisherConfig(method="fisher_zero", damping=0.0, options=FisherZeroOptions(source="weight"))
     result = run_initializer("fisher_zero", weight, identity_stats(7, 6), 2, 1.0, config)
     _, _, right_transposed = torch.linalg.svd(weight.double())
     torch.testing.assert_close(row_space_projector(result.lora_a), row_space_projector(right_transposed[:2]),

@@ -150,10 +150,10 @@ def _presets() -> dict[str, Preset]:
     vision_extensions["eva+linear"] = [3e-4]
     vision_extensions["corda+linear"] = [1e-4]
     # Seen on seeds 0-2 of the methods added later: LoRA-One's and LoRA-DA's best LR sat at the grid's
-    # top (3e-3), LoRA-GA (paper scale)'s at its bottom (3e-4), fisher_zero's (weight and
-    # natural-gradient sources) at its bottom (1e-3).
+    # top (3e-3), LoRA-GA (paper scale)'s at its bottom (3e-4), fisher_zero's (natural-gradient and
+    # weight sources) at its bottom (1e-3).
     vision_extensions.update({"lora_one": [1e-2], "lora_da": [1e-2], "lora_ga_paper": [1e-4], "fisher_zero": [3e-4],
-                              "fisher_zero+source=natural_gradient": [3e-4]})
+                              "fisher_zero+source=weight": [3e-4]})
     vision_full = TaskPlan(lrs=[1e-3, 3e-3], training=vision_training, options=VISION_FULL, third_lr=(1e-2, 3e-4),
                            method_lrs=vision_extensions, linear_view=True)
     return {
