@@ -122,31 +122,32 @@ def fisher_svd(weight: torch.Tensor, geometry: LayerGeometry | None, rank: int, 
 def fisher_select(weight: torch.Tensor, geometry: LayerGeometry | None, rank: int, scaling: float,
                   options: object) -> tuple[torch.Tensor, torch.Tensor]:
     """Every singular triplet of `W` is scored, so all of them are needed: from a full `eigh` of the
-    smaller Gram matrix (`W^T W` for `d_out >= d_in`: `V` and `W V = U S`), whose scores need no
-    division, `sigma_i^2 (u_i^T G u_i)(v_i^T A v_i) = ((W v_i)^T G (W v_i))(v_i^T A v_i)`; the same
-    products give the Fisher norm of `W` (`tr(G W A W^T)`, the captured energy's denominator).
-    When a chosen `sigma_i < 1e-4 sigma_1` (the Gram matrix resolves those only to `eps sigma_1^2`),
-    from a full SVD of `W` instead.
+    smaller Gram matrix (`W^T W` for `d_out >= d_in`: `V` and `W V = U S`). The scores need no division,
+    `sigma_i^2 (u_i^T G u_i)(v_i^T A v_i) = (v_i^T (W^T G W) v_i)(v_i^T A v_i)`, and take the weight's Gram
+    matrix in the metric of the wider factor (`LayerGeometry.weight_gram`, in float32 for a large
+    layer: a choice changes only between triplets whose scores tie to ~1e-6) and the narrower factor
+    itself, `(n, n)` both; the Fisher norm of `W` (the captured energy's denominator) is their inner
+    product, `tr(W^T G W A)`. When a chosen `sigma_i < 1e-4 sigma_1` (the Gram matrix resolves those
+    only to `eps sigma_1^2`), from a full SVD of `W` instead.
     """
     geometry = require_geometry(geometry)
     tall = weight.shape[0] >= weight.shape[1]
-    side, other_side = (geometry.damped_act_cov, geometry.damped_grad_cov)
-    if not tall:
-        side, other_side = other_side, side
-    _, narrow = torch.linalg.eigh(weight.T @ weight if tall else weight @ weight.T)  # ascending
+    matrix = weight if tall else weight.T  # (wide, narrow)
+    eigenvalues, narrow = torch.linalg.eigh(matrix.T @ matrix)  # ascending
     narrow = narrow.flip(1)  # (n, n): V (tall) or U, descending singular values
-    far = (weight @ narrow) if tall else (weight.T @ narrow)  # W V = U S (tall) or W^T U = V S
-    singular_values = far.norm(dim=0)
-    far_product = other_side @ far
-    side_product = side @ narrow
-    scores = (far * far_product).sum(dim=0) * (narrow * side_product).sum(dim=0)
+    fisher_gram = geometry.weight_gram(weight)  # W^T G W (tall) or W A W^T
+    side = geometry.damped_act_cov if tall else geometry.damped_grad_cov
+    scores = ((fisher_gram @ narrow) * narrow).sum(dim=0) * ((side @ narrow) * narrow).sum(dim=0)
     chosen = torch.argsort(scores, descending=True)[:rank]
-    geometry.fisher_norm_of_weight = float(((far.T @ far_product) * (narrow.T @ side_product)).sum())
-    if float(singular_values[chosen].min()) <= 1e-4 * float(singular_values.max()):
+    geometry.fisher_norm_of_weight = float((fisher_gram * side).sum())
+    far = matrix @ narrow[:, chosen]  # W V = U S (tall) or W^T U = V S, the chosen columns
+    singular_values = far.norm(dim=0)
+    largest = float(eigenvalues[-1].clamp_min(0).sqrt())
+    if float(singular_values.min()) <= 1e-4 * largest:
         return _select_from_svd(weight, geometry, rank, scaling)
-    far_unit = far[:, chosen] / singular_values[chosen]
+    far_unit = far / singular_values
     left, right = (far_unit, narrow[:, chosen]) if tall else (narrow[:, chosen], far_unit)
-    half = torch.sqrt(singular_values[chosen] / scaling)
+    half = torch.sqrt(singular_values / scaling)
     return half[:, None] * right.T, left * half
 
 

@@ -16,7 +16,9 @@ from ..stats.linalg import (
     cholesky_whitening,
     damp,
     fisher_norm_squared_damped,
+    gram_dtype,
     symmetric_roots,
+    weight_gram,
     whitened_norm_squared,
 )
 from ..stats.sketch import LowRankFactor
@@ -119,6 +121,7 @@ class LayerGeometry:
         self.cache = cache
         self.spectrum = spectrum
         self.fisher_norm_of_weight: float | None = None
+        self._weight_gram: torch.Tensor | None = None
 
     def _shared(self, factor: torch.Tensor | LowRankFactor, kind: str, compute: Callable[[], Any]) -> Any:
         if self.cache is None:
@@ -203,24 +206,41 @@ class LayerGeometry:
         act_side = self.act_whitening.transpose_times(weight.T.double())  # R_A^T W^T
         return self.grad_whitening.transpose_times(act_side.T)
 
+    def weight_gram(self, weight: torch.Tensor) -> torch.Tensor:
+        """The weight's Gram matrix on its narrower side in the metric of the wider side's damped factor,
+        `W^T G W` `(d_in, d_in)` for `d_out >= d_in`, else `W A W^T` `(d_out, d_out)`, float64 (in float32
+        arithmetic for a large layer, `linalg.weight_gram`). Kept for the next call (one weight per
+        geometry)."""
+        if self._weight_gram is None:
+            tall = weight.shape[0] >= weight.shape[1]
+            matrix = weight if tall else weight.T
+            dtype = gram_dtype(*matrix.shape)
+            if dtype == torch.float64:  # the damped float64 copy, which the captured energy reads anyway
+                factor, amount = (self.damped_grad_cov if tall else self.damped_act_cov), 0.0
+            else:
+                factor = self.stats.grad_cov if tall else self.stats.act_cov
+                amount = self.damping_added[1 if tall else 0]
+            self._weight_gram = weight_gram(matrix, factor, amount, dtype)
+        return self._weight_gram
+
     def weight_spectrum(self, weight: torch.Tensor, count: int) -> WeightSpectrum:
         """The leading `count` singular triplets of `W` `(d_out, d_in)` in the Fisher norm, from the
         Gram matrix of the whitened weight on its narrower side: for `d_out >= d_in`,
         `C = R_A^T (W^T G W) R_A` `(d_in, d_in)` (damped `G`; `U_k S_k = R_G^T W R_A V_k`, so the left
         factor `R_G^-T U_k = W R_A V_k / S_k` needs no root of `G`), else `R_G^T (W A W^T) R_G`.
         So only the narrower factor is Cholesky-factorized, and the wider one enters through one
-        product with `W`; `C` is applied to the Krylov blocks as three products and formed only for a
-        full decomposition (`Whitening.congruence`). `C` squares the condition number: when
-        `S_k < 1e-4 S_1` the triplets come from the whitened weight's SVD instead (both roots). Kept
-        for the next call (a call for fewer triplets slices it).
+        product with `W` (`weight_gram`, in float32 for a large layer); `C` is applied to the Krylov
+        blocks as three products and formed only for a full decomposition (`Whitening.congruence`).
+        `C` squares the condition number: when `S_k < 1e-4 S_1` the triplets come from the whitened
+        weight's SVD instead (both roots, float64). Kept for the next call (a call for fewer triplets
+        slices it).
         """
         if self.spectrum is not None and self.spectrum.count >= count:
             return self.spectrum
         matrix = weight.double()
         tall = matrix.shape[0] >= matrix.shape[1]
         narrow = self.act_whitening if tall else self.grad_whitening
-        fisher_gram = matrix.T @ (self.damped_grad_cov @ matrix) if tall else matrix @ (self.damped_act_cov @ matrix.T)
-        fisher_gram = 0.5 * (fisher_gram + fisher_gram.T)
+        fisher_gram = self.weight_gram(matrix)
         # tr C = tr(F R R^T) = <F, damped narrow factor>: C itself is applied, never formed (the
         # congruence would cost d^3, a converged top-r solve ~100 products of 3 d^2 each).
         total = float((fisher_gram * (self.damped_act_cov if tall else self.damped_grad_cov)).sum())
