@@ -1,7 +1,8 @@
 """The weight's Gram matrix in the wider factor's metric in float32 (`linalg.weight_gram`, taken for a
 layer with `d_wide^2 d_narrow >= FLOAT32_GRAM_FLOPS`: SmolLM2's query/output and MLP layers).
 
-Stated tolerance against the float64 product: `fisher_svd`'s and `fisher_zero`'s adapter (`s B A`, or
+Stated tolerance against the float64 product: `fisher_svd`'s and `fisher_zero`'s (direction source
+"weight") adapter (`s B A`, or
 `A` for the zero start) to `FLOAT32_PRODUCT_RTOL` relative (Frobenius), the captured energy to
 `ENERGY_RTOL`; `fisher_select` takes the same triplets (its scores only rank them), so its product
 matches to the float64 tolerance. Why `1e-4` is enough: the float32 statistics themselves move the
@@ -16,6 +17,7 @@ import pytest
 import torch
 
 import fisherlora as fl
+from fisherlora.init.fisher_zero_step import FisherZeroOptions
 from fisherlora.init.geometry import FactorCache
 from fisherlora.init.registry import compute_factors
 from fisherlora.stats import linalg
@@ -38,7 +40,8 @@ def factors_with_gram_threshold(method: str, threshold: float, weight: torch.Ten
     gram = linalg.weight_gram
     monkeypatch.setattr("fisherlora.init.geometry.weight_gram", lambda matrix, factor, amount, dtype:
                         dtypes.append(dtype) or gram(matrix, factor, amount, dtype))
-    config = fl.FisherConfig(method=method, damping=damping)
+    options = FisherZeroOptions(source="weight") if method == "fisher_zero" else None
+    config = fl.FisherConfig(method=method, damping=damping, options=options)
     factors = compute_factors(method, weight, stats, min(RANK, *weight.shape), SCALING, config, cache=cache)
     adapter = factors.lora_a.double() if method == "fisher_zero" else factors.product()
     return adapter, factors.captured_energy, dtypes

@@ -337,7 +337,7 @@ def weight_gram(matrix: torch.Tensor, factor: torch.Tensor, amount: float, dtype
     model's weight is float32); the result carries float32 rounding, `~1e-7 ||M||^2 ||F||` in norm,
     and the leading eigenvectors of the congruence move by about that over their eigengap. Measured
     against float64 on the layers of SmolLM2-135M and MiniLM-L6 (all linear layers) this applies to:
-    `fisher_svd`'s rank-8 product `s B A` within 1.1e-5 relative, `fisher_zero`'s `A` within 1.5e-5
+    `fisher_svd`'s rank-8 product `s B A` within 1.1e-5 relative, `fisher_zero`'s (source "weight") `A` within 1.5e-5
     (SmolLM2's down projections; 4e-6 on MiniLM), where the float64 path itself moves by 2e-7 to 7e-6
     when the float32 statistics change by one unit in the last place; the tests hold it to `1e-4`.
 
