@@ -155,6 +155,9 @@ def _presets() -> dict[str, Preset]:
     # weight sources) at its bottom (1e-3).
     vision_extensions.update({"lora_one": [1e-2], "lora_da": [1e-2], "lora_ga_paper": [1e-4], "fisher_zero": [3e-4],
                               "fisher_zero+source=weight": [3e-4]})
+    # Seen on seeds 0-2 of the +alloc variants: fisher_zero's best LR at its grid's bottom (1e-3),
+    # fisher_step's at its top (3e-3).
+    vision_extensions.update({"fisher_zero+alloc": [3e-4], "fisher_step+alloc": [1e-2]})
     vision_full = TaskPlan(lrs=[1e-3, 3e-3], training=vision_training, options=VISION_FULL, third_lr=(1e-2, 3e-4),
                            method_lrs=vision_extensions, linear_view=True)
     return {
