@@ -15,6 +15,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 import fisherlora as fl
 from fisherlora.conversion import write_initial_record
 from fisherlora.init.allocation import allocate_ranks, layer_fisher_energy
+from fisherlora.init.fisher_zero_step import FisherZeroOptions
 from fisherlora.init.registry import LayerGeometry
 from fisherlora.peft import find_target_layers
 from fisherlora.stats.layers import weight_matrix
@@ -136,28 +137,31 @@ def test_allocated_ranks_are_in_the_model_and_its_config():
     assert {name: layer.r["default"] for name, layer in rebuilt.items()} == expected
 
 
-@pytest.mark.parametrize("method", ["fisher_svd", "fisher_zero"])
-def test_allocation_reuses_its_spectra_and_matches_each_layer_factorized_afresh(method: str,
+@pytest.mark.parametrize("method, source", [("fisher_svd", None), ("fisher_zero", "weight"),
+                                            ("fisher_zero", "natural_gradient")])
+def test_allocation_reuses_its_spectra_and_matches_each_layer_factorized_afresh(method: str, source: str | None,
                                                                                 monkeypatch: pytest.MonkeyPatch):
+    options = {} if source is None else {"options": FisherZeroOptions(source=source)}
     base = tiny_bert()
     batches = text_batches()
     model = peft_bert(copy.deepcopy(base))
-    stats = fl.collect_fisher(model, batches, config_for(method))
+    stats = fl.collect_fisher(model, batches, config_for(method, **options))
     solves = []
     solver = fl.init.geometry.top_eigenpairs
     monkeypatch.setattr(fl.init.geometry, "top_eigenpairs", lambda factor, count: solves.append(count) or
                         solver(factor, count))
-    reports = fl.initialize_lora_fisher(model, stats, config_for(method, rank_allocation="fisher"))
+    reports = fl.initialize_lora_fisher(model, stats, config_for(method, rank_allocation="fisher", **options))
     monkeypatch.undo()
     ranks = {report.name: report.rank for report in reports}
-    # One eigen-solve per layer for the energies (at the created rank 4); the factorization computes
-    # again only the layers allocated more than that.
-    assert solves == [4] * len(ranks) + [rank for rank in ranks.values() if rank > 4]
     assert min(ranks.values()) < 4 < max(ranks.values())
+    if source != "natural_gradient":
+        # One eigen-solve per layer for the energies (at the created rank 4); a method whose factors are
+        # those weight spectra computes again only the layers allocated more than that.
+        assert solves == [4] * len(ranks) + [rank for rank in ranks.values() if rank > 4]
     energies = {report.name: report.captured_energy for report in reports}
     for name, layer in lora_layers(model).items():
         fresh = fl.init.registry.compute_factors(method, base.get_submodule(name).weight, stats.layers[name],
-                                                 ranks[name], 2.0, config_for(method))
+                                                 ranks[name], 2.0, config_for(method, **options))
         torch.testing.assert_close(layer.lora_A["default"].weight, fresh.lora_a, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(layer.lora_B["default"].weight, fresh.lora_b, rtol=1e-5, atol=1e-6)
         assert energies[name] == pytest.approx(fresh.captured_energy, rel=1e-9)
