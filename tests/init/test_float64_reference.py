@@ -314,8 +314,9 @@ def test_top_eigenpairs_give_up_after_one_round_when_the_top_is_flat(monkeypatch
     eigh = torch.linalg.eigh
     monkeypatch.setattr(torch.linalg, "eigh", lambda matrix: rounds.append(matrix.shape[0]) or eigh(matrix))
     values, vectors = top_eigenpairs(factor, 8)
-    # One round's Rayleigh-Ritz checks (one per step from the first checked), then the full eigh.
-    one_round = [12 * (step + 1) for step in range(top_r._FIRST_CHECK, top_r.krylov_steps(384, 12) + 1)]
+    # One round's Rayleigh-Ritz checks (after the steps `_checked` names), then the full eigh.
+    steps = top_r.krylov_steps(384, 12)
+    one_round = [12 * (step + 1) for step in range(steps + 1) if top_r._checked(step, steps)]
     assert rounds == [*one_round, 384]
     full_values, full_vectors = eigh(factor)
     torch.testing.assert_close(values, full_values.flip(0)[:8], rtol=1e-12, atol=0)
