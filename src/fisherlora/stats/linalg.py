@@ -167,7 +167,8 @@ class Whitening:
     def transpose_times(self, matrix: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
         """`R^T X` for `X` `(d, n)`, computed in `dtype`."""
         if self.lower is not None:
-            return upper_triangular_times(self.lower.T.to(dtype), matrix.to(dtype))
+            # Converted, then transposed as a view: no strided copy of the (d, d) factor.
+            return upper_triangular_times(self.lower.to(dtype).T, matrix.to(dtype))
         assert self.roots is not None
         return self.roots.root.to(dtype) @ matrix.to(dtype)
 
