@@ -81,7 +81,8 @@ def _stage_two_runs() -> list[dict]:
 def test_stage_two_uses_stage_one_lr_and_validation_best_baseline() -> None:
     tune, evaluation = summarize(_stage_two_runs())
     assert (tune.stage, evaluation.stage) == ("tune", "eval")
-    assert tune.best_baseline == "pissa"  # stage-1 tables keep their test-chosen best baseline
+    # pissa is best on test, lora on validation: both stages take the validation choice
+    assert tune.best_baseline == "lora"
     assert evaluation.best_baseline == "lora" and evaluation.seeds == (100, 101, 102)
     ours = evaluation.method("fisher_svd")
     assert ours.best_lr == 1e-3 and ours.test_mean == pytest.approx(0.73)
@@ -298,7 +299,7 @@ def test_paper_baselines_always_run_in_stage_two_and_are_compared(paper_method: 
     assert summary.best_baseline == "pissa"
     compared = [m.method for m in summary.methods if m.comparison is not None]
     assert compared == [paper_method, "fisher_svd"]
-    best_paper = [{**r, "test_metric": 0.99} if r["method"] == paper_method else r for r in runs]
+    best_paper = [{**r, "val_metric": 0.99} if r["method"] == paper_method else r for r in runs]
     (summary,) = summarize(best_paper)  # as the best baseline it is the reference, not compared with itself
     assert summary.best_baseline == paper_method
     assert [m.method for m in summary.methods if m.comparison is not None] == ["fisher_svd"]

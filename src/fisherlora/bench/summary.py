@@ -5,7 +5,7 @@ Pure functions of the run records; nothing reads files or draws. Protocol encode
 - each method at its validation-selected learning rate (:func:`.selection.select_lr`); the test
   metric is only ever read at that LR;
 - each Fisher variant ("ours": every method that is not a baseline, :mod:`.roles`) and each paper
-  baseline is compared with the best baseline (highest mean test metric at its own best LR),
+  baseline is compared with the best baseline (highest mean validation metric at its own best LR),
   paired by seed: mean difference, paired t-test, exact sign-flip test, wins / ties / losses
   (:mod:`.paired`);
 - convergence: steps each seed needs to reach vanilla LoRA's final training loss;
@@ -242,11 +242,14 @@ def _lora_target(runs: Sequence[Run]) -> float | None:
 
 
 def _best_baseline(methods: Sequence[MethodSummary]) -> MethodSummary | None:
-    """Baseline with the highest mean test metric at its own best LR (first in display order on ties)."""
-    candidates = [m for m in methods if m.is_baseline and m.best_lr is not None and math.isfinite(m.test_mean)]
+    """Baseline with the highest mean validation metric at its own best LR (first in display order on
+    ties), among those with a test result: the reference is chosen as stage 2 chooses it, never on the
+    test metric it is then compared on (the best of several test means is biased upward)."""
+    candidates = [m for m in methods if m.is_baseline and m.best_lr is not None and math.isfinite(m.test_mean)
+                  and math.isfinite(m.val_mean)]
     if not candidates:
         return None
-    return max(candidates, key=lambda m: m.test_mean)  # max keeps the first of equal maxima
+    return max(candidates, key=lambda m: m.val_mean)  # max keeps the first of equal maxima
 
 
 def _failed_runs(runs: Iterable[Run]) -> list[FailedRun]:
