@@ -51,6 +51,57 @@ def test_init_cost_measures_every_method(tmp_path: Path, monkeypatch: pytest.Mon
     table = (tmp_path / "init_cost_text.md").read_text()
     assert "| fisher_grad@true |" in table and "x LoRA-GA" in table and "x floor" in table
     assert "| factorization s |" in table and "| floor |" in table
+    assert "| arith. x LoRA-GA | arith. x floor |" in table and "\narith.: multiply-adds per token" in table
+    _check_work_per_token(written["work_per_token"], config)
+
+
+def _check_work_per_token(work: dict, config: init_cost.InitCostConfig) -> None:
+    """The arithmetic ratios of each entry, with its own statistics settings (see test_work_count.py for the counts)."""
+    methods = work["methods"]
+    assert methods["lora_ga"]["arithmetic_to_lora_ga"] == pytest.approx(1.0)
+    assert methods["lora_ga"]["arithmetic_to_floor"] == pytest.approx(1.5)
+    assert methods["floor"]["arithmetic_to_lora_ga"] == pytest.approx(2 / 3)
+    assert methods["floor"]["arithmetic_to_floor"] == 1
+    assert work["lora_ga"] == pytest.approx(3 * work["forward"]) and work["forward"] > 0
+    svd, sketched, true = methods["fisher_svd"], methods["fisher_svd+sketch"], methods["fisher_grad@true"]
+    assert not svd["with_grad_mean"] and svd["grad_mean"] == 0 and svd["sketch_threshold"] is None
+    assert (sketched["sketch_threshold"], sketched["sketch_rank"]) == (config.sketch_threshold, config.sketch_rank)
+    assert sketched["factors"] != svd["factors"]
+    assert true["with_grad_mean"] and true["label_draws"] == config.fisher.n_samples
+    for entry in (svd, sketched, true):
+        assert entry["multiply_adds"] == pytest.approx((1 + entry["label_draws"]) * work["forward"]
+                                                       + entry["factors"] + entry["grad_mean"])
+        assert entry["arithmetic_to_floor"] == pytest.approx(entry["multiply_adds"] / work["floor"])
+    assert {layer["name"] for layer in work["layers"]} == {f"bert.encoder.layer.{block}.attention.self.{name}"
+                                                           for block in (0, 1) for name in ("query", "value")}
+
+
+def test_count_only_prints_the_arithmetic_and_times_nothing(monkeypatch: pytest.MonkeyPatch,
+                                                            capsys: pytest.CaptureFixture):
+    monkeypatch.setattr("fisherlora.bench.tasks.build_task", lambda name, **options: tiny_task())
+    monkeypatch.setattr("fisherlora.bench.init_cost.build_model", lambda *args, **kwargs: pytest.fail("timed"))
+    assert main(["bench-init", "--count-only", "--methods", "lora_ga,fisher_zero,pissa", "--batches", "2",
+                 "--batch-size", "4", "--targets", "all-linear"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(" | ")[0] for line in lines[2:5]] == ["| lora_ga", "| fisher_zero", "| floor"]
+    assert lines[2].endswith("| 1.00 | 1.50 |") and lines[4].endswith("| 0.67 | 1.00 |")
+    assert lines[-1].startswith("arith.: multiply-adds per token")
+    assert main(["bench-init", "--count-only", "--methods", "pissa", "--no-floor", "--batches", "1"]) == 2
+    assert "none of ['pissa'] is counted" in capsys.readouterr().err
+    assert main(["bench-init", "--count-only", "--readme", "README.md"]) == 2
+    assert "--count-only writes no file" in capsys.readouterr().err
+
+
+def test_an_old_result_without_the_arithmetic_formats_as_before():
+    """Results written before the arithmetic ratios (the committed ones) keep their columns, no legend."""
+    for path in sorted(Path(__file__).parents[2].glob("results/init_cost*/init_cost_*.json")):
+        result = json.loads(path.read_text())
+        assert "work_per_token" not in result, f"{path} has the arithmetic: pick another old file"
+        lines = format_init_cost(result).splitlines()
+        assert "arith." not in "\n".join(lines), path
+        header, rule, rows = lines[2], lines[3], lines[4:]
+        assert rule.count("|---") == header.count(" | ") + 1 and rows, path
+        assert all(row.count(" | ") == header.count(" | ") for row in rows), path
 
 
 def test_all_linear_is_every_linear_layer_but_the_head():

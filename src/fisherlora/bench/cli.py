@@ -77,6 +77,9 @@ def add_bench_commands(commands: Any) -> None:
     init_cost.add_argument("--no-floor", action="store_true", help="skip timing the forward+backward floor")
     init_cost.add_argument("--readme", default=None,
                            help="also fill the README section named after --out's folder with every table there")
+    init_cost.add_argument("--count-only", action="store_true",
+                           help="only count the multiply-adds of the targeted layers (the arith. columns): one "
+                                "forward and backward per batch, nothing timed, no file written")
     init_cost.set_defaults(handler=command_init_cost)
 
     report = commands.add_parser("report", help="turn RESULTS_DIR/runs.jsonl into summary.md and plots; with "
@@ -198,11 +201,21 @@ def _report_verdict(args: argparse.Namespace) -> None:
 def command_init_cost(args: argparse.Namespace) -> int:
     import shlex
 
-    from .init_cost import ALL_LINEAR, DEFAULT_METHODS, InitCostConfig, format_init_cost, run_init_cost
+    from .init_cost import (
+        ALL_LINEAR,
+        DEFAULT_METHODS,
+        InitCostConfig,
+        count_init_work,
+        format_init_cost,
+        format_work_per_token,
+        run_init_cost,
+    )
     from .init_cost_readme import update_readme_init_cost
 
     if args.targets and ALL_LINEAR in args.targets and args.targets != [ALL_LINEAR]:
         raise ValueError(f"--targets {ALL_LINEAR} must be the only value")
+    if args.count_only and args.readme:
+        raise ValueError("--count-only writes no file: it cannot fill --readme")
     if args.readme:
         from .readme import require_section
 
@@ -221,6 +234,9 @@ def command_init_cost(args: argparse.Namespace) -> int:
                             sketch_threshold=args.sketch_threshold, floor=not args.no_floor,
                             targets=ALL_LINEAR if args.targets == [ALL_LINEAR] else args.targets,
                             command=shlex.join(["fisherlora", *args.argv]))
+    if args.count_only:
+        print(format_work_per_token(count_init_work(config)))
+        return 0
     print(format_init_cost(run_init_cost(config, args.out)))
     if args.readme:
         print(f"updated {update_readme_init_cost(args.readme, args.out)}")

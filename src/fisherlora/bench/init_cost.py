@@ -6,7 +6,9 @@ method, and where the time goes (`fisherlora.phases`: forward, backward, statist
 factorization, write; the rest is "other": building the PEFT model, moving batches, the loss).
 Besides the methods it times the forward+backward floor (`floor.py`: one forward and one backward
 pass over the same batches, no weight gradient). It prints medians plus ratios against PEFT's
-LoRA-GA, against the floor and against one epoch of the benchmark's training on the same task.
+LoRA-GA, against the floor and against one epoch of the benchmark's training on the same task, and
+beside them the same ratios by arithmetic alone: the multiply-adds of the targeted layers' products
+(`work_count.py`), counted on the same batches (`work_probe.py`).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import json
 import os
 import statistics
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,11 +26,13 @@ from ..config import FisherConfig
 from ..files import atomic_write_text
 from ..phases import PHASES, record_phases
 from ..terminal import log_line, progress_bars_wanted
-from .baselines import AdapterSpec, build_model, fisher_statistics_mb
+from .baselines import AdapterSpec, build_model, effective_config, fisher_statistics_mb
 from .cost import measure
 from .floor import forward_backward_floor
 from .provenance import git_state, machine, versions
 from .results import clean_for_json
+from .work_count import StatisticsWork, WorkCount, count_work
+from .work_probe import probe_rows
 
 if TYPE_CHECKING:
     from .tasks import Task
@@ -132,6 +136,52 @@ def _statistics_mb(model: Any, method: str, fisher: FisherConfig) -> float:
     return float("nan") if ours is None else ours
 
 
+def statistics_work(method: str, config: InitCostConfig) -> StatisticsWork | None:
+    """What `method`'s statistics collect (its own sketch, `M`, label draws), or None for a method
+    without Fisher statistics (PEFT's, weight-only ones, the floor)."""
+    if method == FLOOR:
+        return None
+    name, fisher = _fisher_for(method, config)
+    entry, effective = effective_config(name, fisher)
+    needed = entry.statistics_needed(effective) if entry.function is not None else ()
+    if not needed:
+        return None
+    with_grad_mean = effective.collect_grad_mean
+    if with_grad_mean is None:  # as `collect_fisher` decides
+        with_grad_mean = "grad_mean" in needed
+    return StatisticsWork(with_grad_mean, effective.sketch_threshold, effective.sketch_rank,
+                          effective.n_samples if effective.fisher == "true" else 1)
+
+
+def work_per_token(task: Task, targets: list[str] | str, calibration: list[Any], entries: list[str],
+                   config: InitCostConfig) -> dict[str, Any] | None:
+    """The multiply-adds per token of the targeted layers (`work_count.count_work`, rows counted by
+    `work_probe.probe_rows` on the calibration batches) for the floor, LoRA-GA and each of our
+    methods, with the ratios; None when no entry is one of them (nothing is probed)."""
+    from ..peft import find_target_layers
+
+    settings = {method: statistics_work(method, config) for method in entries}
+    counted = [method for method in entries if method in (FLOOR, "lora_ga") or settings[method] is not None]
+    if not counted:
+        return None
+    model = task.model_factory(0)
+    probed = probe_rows(model, find_target_layers(model, target_modules=targets), calibration)
+    del model
+    base = count_work(probed.layers, StatisticsWork())
+    methods: dict[str, dict[str, Any]] = {}
+    for method in counted:
+        work = settings[method]
+        count: WorkCount | None = None if work is None else count_work(probed.layers, work)
+        total = count.statistics if count is not None else base.floor if method == FLOOR else base.lora_ga
+        methods[method] = {"multiply_adds": total, "arithmetic_to_lora_ga": total / base.lora_ga,
+                           "arithmetic_to_floor": total / base.floor}
+        if count is not None and work is not None:
+            methods[method].update(factors=count.factors, grad_mean=count.grad_mean, **asdict(work))
+    return {"tokens": probed.tokens, "forward": base.forward, "floor": base.floor, "lora_ga": base.lora_ga,
+            "untargeted_forward": probed.untargeted_forward / probed.tokens, "methods": methods,
+            "layers": [asdict(layer) for layer in probed.layers]}
+
+
 def _time_epoch(task: Any, preset_task: str) -> float:
     from .presets import get_preset
     from .runner import RunSpec, train, training_batches
@@ -150,19 +200,54 @@ def _ratio(value: float, reference: float | None) -> float:
     return value / reference if reference else float("nan")
 
 
-def run_init_cost(config: InitCostConfig, out: str | os.PathLike[str] | None = None) -> dict[str, Any]:
-    """Time every method (and the floor); return (and write to `out/init_cost_<task>.json` and
-    `.md`) medians and ratios."""
-    from tqdm.auto import tqdm
-
+def _task_data(config: InitCostConfig) -> tuple[Task, dict[str, Any], list[str] | str, list[Any]]:
+    """The task, its options, the resolved targets and the calibration batches every method sees."""
     from .presets import get_preset
     from .tasks import build_task
 
     options = dict(config.task_options) or dict(get_preset(config.task).tasks[config.task].options)
     task = build_task(config.task, **options)
     targets = resolve_targets(task, config.targets)
-    calibration = task.calibration_loader(config.calibration_batches, config.batch_size, 0)
-    entries = [*config.methods, *([FLOOR] if config.floor else [])]
+    return task, options, targets, task.calibration_loader(config.calibration_batches, config.batch_size, 0)
+
+
+def _entries(config: InitCostConfig) -> list[str]:
+    return [*config.methods, *([FLOOR] if config.floor else [])]
+
+
+def count_init_work(config: InitCostConfig) -> dict[str, Any]:
+    """`work_per_token` of the configured run, with nothing timed (`bench-init --count-only`).
+
+    Raises:
+        ValueError: no entry is counted (the floor, LoRA-GA or a method with Fisher statistics).
+    """
+    task, _, targets, calibration = _task_data(config)
+    work = work_per_token(task, targets, calibration, _entries(config), config)
+    if work is None:
+        raise ValueError(f"none of {_entries(config)} is counted: only the floor, lora_ga and methods with "
+                         "Fisher statistics are")
+    return work
+
+
+def format_work_per_token(work: dict[str, Any]) -> str:
+    """The markdown table of `work_per_token` (millions of multiply-adds per token) and its legend."""
+    lines = ["| method | multiply-adds per token (M) | factor sums (M) | mean gradient (M) | arith. x LoRA-GA "
+             "| arith. x floor |", "|---" * 6 + "|"]
+    for method, entry in work["methods"].items():
+        cells = [method, *(_number(entry[key] / 1e6, 3) if key in entry else "-"
+                           for key in ("multiply_adds", "factors", "grad_mean")),
+                 _number(entry["arithmetic_to_lora_ga"]), _number(entry["arithmetic_to_floor"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join([*lines, "", _work_legend(work)])
+
+
+def run_init_cost(config: InitCostConfig, out: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    """Time every method (and the floor); return (and write to `out/init_cost_<task>.json` and
+    `.md`) medians and ratios."""
+    from tqdm.auto import tqdm
+
+    task, options, targets, calibration = _task_data(config)
+    entries = _entries(config)
     samples: dict[str, list[dict[str, float]]] = {method: [] for method in entries}
     _time_method(task, "lora", calibration[:1], config, targets)  # warm-up: first-call allocations and imports
     bars = progress_bars_wanted(True)
@@ -178,6 +263,7 @@ def run_init_cost(config: InitCostConfig, out: str | os.PathLike[str] | None = N
                     log_line(f"init cost {repeat * len(entries) + index + 1}/{total}: {method} "
                              f"{samples[method][-1]['seconds']:.2f} s")
     epoch_seconds = _time_epoch(task, config.task) if config.reference_epoch else None
+    work = work_per_token(task, targets, calibration, entries, config)
     medians = {
         method: {key: statistics.median(sample[key] for sample in runs) for key in runs[0]}
         for method, runs in samples.items()
@@ -202,6 +288,7 @@ def run_init_cost(config: InitCostConfig, out: str | os.PathLike[str] | None = N
         "samples": samples,
         "task_options": options,
         "sketch": {"rank": config.sketch_rank, "threshold": config.sketch_threshold},
+        "work_per_token": work,
         **git_state(),
         "versions": versions(),
         "machine": machine(),
@@ -222,10 +309,17 @@ def _targets_label(targets: Any) -> str:
 
 
 def format_init_cost(result: dict[str, Any]) -> str:
-    """The markdown table of a `run_init_cost` result (phase columns: median wall seconds)."""
+    """The markdown table of a `run_init_cost` result (phase columns: median wall seconds). A result
+    with `work_per_token` (written since the arithmetic ratios were added) gets their two columns and
+    their legend; an older one is formatted as it was."""
     epoch = result["epoch_seconds"]
+    work = result.get("work_per_token")
+    bounds = work.get("methods", {}) if isinstance(work, dict) else None
     phases = [key[: -len("_seconds")] for key in next(iter(result["medians"].values())) if key.endswith("_seconds")
               and key not in ("cpu_seconds",)]
+    arithmetic = ["arith. x LoRA-GA", "arith. x floor"] if bounds is not None else []
+    header = ["method", "wall s", "x LoRA-GA", "x floor", *arithmetic, "CPU s", "x LoRA-GA (CPU)",
+              *(f"{phase} s" for phase in phases), "x one epoch", "peak RSS MB", "statistics MB"]
     lines = [
         f"### initialization cost: task `{result['task']}`, targets `{_targets_label(result.get('targets', '-'))}` "
         f"({len(result['target_modules']) if isinstance(result.get('target_modules'), list) else '-'} layers), "
@@ -233,16 +327,35 @@ def format_init_cost(result: dict[str, Any]) -> str:
         f"{result['repeats']} (round-robin); one training epoch of the benchmark: "
         f"{'not measured' if epoch is None else f'{epoch:.1f} s'}",
         "",
-        "| method | wall s | x LoRA-GA | x floor | CPU s | x LoRA-GA (CPU) | "
-        + " | ".join(f"{phase} s" for phase in phases) + " | x one epoch | peak RSS MB | statistics MB |",
-        "|---" * (9 + len(phases)) + "|",
+        "| " + " | ".join(header) + " |",
+        "|---" * len(header) + "|",
     ]
     for method, values in result["medians"].items():
+        bound = bounds.get(method, {}) if bounds is not None else {}
+        bound_cells = [_number(bound.get("arithmetic_to_lora_ga")), _number(bound.get("arithmetic_to_floor"))]
         cells = [method, _number(values["seconds"]), _number(values["ratio_to_lora_ga"]),
-                 _number(values.get("ratio_to_floor")), _number(values.get("cpu_seconds")),
-                 _number(values.get("cpu_ratio_to_lora_ga")),
+                 _number(values.get("ratio_to_floor")),
+                 *(bound_cells if arithmetic else []),
+                 _number(values.get("cpu_seconds")), _number(values.get("cpu_ratio_to_lora_ga")),
                  *(_number(values.get(f"{phase}_seconds")) for phase in phases),
                  _number(values["ratio_to_epoch"], 3), _number(values["peak_rss_mb"], 0),
                  _number(values.get("statistics_mb"))]
         lines.append("| " + " | ".join(cells) + " |")
+    if isinstance(work, dict):
+        lines += ["", _work_legend(work)]
     return "\n".join(lines)
+
+
+def _multiply_adds(value: float) -> str:
+    return f"{value / 1e6:.3g} M" if value >= 1e5 else f"{value:.3g}"
+
+
+def _work_legend(work: dict[str, Any]) -> str:
+    untargeted = work.get("untargeted_forward")
+    rest = "" if untargeted is None else f" (forward {_multiply_adds(untargeted)})"
+    return (f"arith.: multiply-adds per token in the targeted layers' products (forward F = "
+            f"{_multiply_adds(work['forward'])}, floor 2F, LoRA-GA 3F, ours 2F + the K-FAC factor sums [+ the "
+            f"mean gradient's weight gradient]) over LoRA-GA's and the floor's. Not counted: attention, "
+            f"embeddings, layer norms, the loss and the untargeted linear layers{rest}, which every method pays "
+            "alike and which pull measured ratios towards 1, nor how fast each product runs. Above 1 against "
+            "LoRA-GA, the statistics do more arithmetic than LoRA-GA whatever the rest costs.")
