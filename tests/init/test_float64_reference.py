@@ -178,6 +178,24 @@ def test_llama_layers_match_the_float64_path(variant: str, llama_stats, monkeypa
         assert len(narrow) == 6 and len(factorized) == len(narrow)
 
 
+def test_fisher_eig_reads_each_factor_as_one_float64_copy(llama_stats, monkeypatch: pytest.MonkeyPatch):
+    # The top eigenvectors come from the damped float64 copy the captured energy reads anyway (the
+    # same vectors): the solver gets float64 (no conversion of its own), once per distinct factor.
+    model, stats = llama_stats
+    seen: list[torch.Tensor] = []
+    solver = geometry.top_eigenpairs
+    monkeypatch.setattr(geometry, "top_eigenpairs", lambda factor, count: seen.append(factor) or solver(factor, count))
+    cache = FactorCache(stats.values())
+    config = fl.FisherConfig(method="fisher_eig")
+    for name in stats:
+        compute_factors("fisher_eig", model.get_submodule(name).weight.detach(), stats[name], RANK, SCALING, config,
+                        cache=cache)
+        cache.done(stats[name])
+    distinct = {id(factor) for layer in stats.values() for factor in (layer.act_cov, layer.grad_cov)}
+    assert all(factor.dtype == torch.float64 for factor in seen)
+    assert len(seen) == len({id(factor) for factor in seen}) == len(distinct)
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_bert_layers_match_the_float64_path(variant: str, bert_stats):
     model, stats = bert_stats
