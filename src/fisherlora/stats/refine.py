@@ -17,8 +17,9 @@ import torch
 from .top_r import TOLERANCE
 
 STEPS = 4
-"""Corrections at most; on SmolLM2-135M and MiniLM-L6 (every linear layer's weight Gram matrix) two
-always sufficed: the float32 basis makes each correction ~`eps32 lambda_max / gap` times smaller."""
+"""Corrections at most; on SmolLM2-135M and MiniLM-L6 (`fisher_select`'s 12 to 18 candidates of every
+linear layer's weight Gram matrix) two sufficed on 246 of 247 layers, three on the last: the float32
+basis makes each correction ~`eps32 lambda_max / gap` times smaller."""
 
 
 def refine_eigenvectors(apply: Callable[[torch.Tensor], torch.Tensor], basis: torch.Tensor, values: torch.Tensor,
