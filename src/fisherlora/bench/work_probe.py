@@ -20,7 +20,8 @@ from torch import nn
 from torch.autograd.graph import get_gradient_edge
 
 from ..stats.heads import head_of
-from ..stats.layers import TargetLayer, layer_type_of, module_weight, output_gradient_rows, weight_matrix
+from ..stats.hooks import targets_in_graph
+from ..stats.layers import TargetLayer, layer_type_of, output_gradient_rows, weight_matrix
 from ..stats.objective import LossTerms, batch_terms, logits_of, split_batch, summed_cross_entropy
 from ..stats.shared_inputs import InputKey, input_key
 from .work_count import LayerRows
@@ -116,37 +117,15 @@ def probe_rows(model: nn.Module, targets: Sequence[TargetLayer], batches: Sequen
         untargeted[0] += args[0][..., 0].numel() * int(d_in) * int(d_out)
 
     targeted = {id(target.hook_module) for target in targets} | {id(target.weight_module) for target in targets}
-    modes = {module: module.training for module in model.modules()}
-    flags = {parameter: parameter.requires_grad for parameter in model.parameters()}
     handles = [target.hook_module.register_forward_hook(record) for target in targets]
     handles += [module.register_forward_hook(count_untargeted) for module in model.modules()
                 if id(module) not in targeted and isinstance(module, nn.Linear)]
     try:
-        model.eval()
-        for parameter in model.parameters():
-            parameter.requires_grad_(False)
-        for target in targets:  # keeps every targeted output in the graph; no weight gradient is asked for
-            module_weight(target.weight_module).requires_grad_(True)
-        for batch in batches:
-            calls.clear()
-            forward, labels, attention_mask = split_batch(batch)
-            logits = logits_of(forward(model))
-            terms = _batch_terms(model, batch, labels, attention_mask, logits)
-            assert terms.targets is not None
-            loss = summed_cross_entropy(logits, terms.targets.to(logits.device))
-            edges = [get_gradient_edge(call.output) for call in calls]
-            gradients = torch.autograd.grad(loss, edges, allow_unused=True)
-            for call, gradient in zip(calls, gradients, strict=True):
-                _count_call(counts[call.layer], targets[call.layer], call, gradient, terms)
-            for count, group in zip(counts, _groups_of(calls, len(targets)), strict=True):
-                count.groups.append(group)
+        with targets_in_graph(model, [target.weight_module for target in targets]):
+            _probe_batches(model, targets, batches, calls, counts)
     finally:
         for handle in handles:
             handle.remove()
-        for parameter, flag in flags.items():
-            parameter.requires_grad_(flag)
-        for module, mode in modes.items():
-            module.training = mode
         calls.clear()
     signatures: dict[tuple[int, ...], int] = {}
     layers = []
@@ -157,6 +136,24 @@ def probe_rows(model: nn.Module, targets: Sequence[TargetLayer], batches: Sequen
                                 count.grad_mean_rows,
                                 signatures.setdefault(tuple(count.groups), len(signatures)) if shared else None))
     return ProbedRows(layers, max(layer.rows for layer in layers), untargeted[0])
+
+
+def _probe_batches(model: nn.Module, targets: Sequence[TargetLayer], batches: Sequence[Any], calls: list[_Call],
+                   counts: list[_Counts]) -> None:
+    """One forward and backward per batch; each call of a targeted layer counted into `counts`."""
+    for batch in batches:
+        calls.clear()
+        forward, labels, attention_mask = split_batch(batch)
+        logits = logits_of(forward(model))
+        terms = _batch_terms(model, batch, labels, attention_mask, logits)
+        assert terms.targets is not None
+        loss = summed_cross_entropy(logits, terms.targets.to(logits.device))
+        edges = [get_gradient_edge(call.output) for call in calls]
+        gradients = torch.autograd.grad(loss, edges, allow_unused=True)
+        for call, gradient in zip(calls, gradients, strict=True):
+            _count_call(counts[call.layer], targets[call.layer], call, gradient, terms)
+        for count, group in zip(counts, _groups_of(calls, len(targets)), strict=True):
+            count.groups.append(group)
 
 
 def _count_call(count: _Counts, target: TargetLayer, call: _Call, gradient: torch.Tensor | None,

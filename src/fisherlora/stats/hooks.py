@@ -183,32 +183,42 @@ class Step(Protocol):
 
 
 @contextmanager
-def collection_mode(model: nn.Module, accumulators: list[LayerAccumulator], recorder: Recorder) -> Iterator[None]:
-    """Eval mode, gradients only on the targets' weights, hooks installed; all undone on exit."""
+def targets_in_graph(model: nn.Module, weight_modules: list[nn.Module]) -> Iterator[None]:
+    """Eval mode, `requires_grad` only on the given modules' weights; both undone on exit."""
     # Per-module modes: a PeftModel wrapper can be in train mode around an eval-mode base.
     modes = {module: module.training for module in model.modules()}
     flags = {parameter: parameter.requires_grad for parameter in model.parameters()}
-    handles = []
     try:
         model.eval()
         for parameter in model.parameters():
             parameter.requires_grad_(False)
-        for accumulator in accumulators:
+        for weight_module in weight_modules:
             # A leaf that requires grad upstream of every target output keeps `y` in the graph;
             # `autograd.grad` is asked only for the outputs, so no weight gradient is computed.
-            module_weight(accumulator.target.weight_module).requires_grad_(True)
-        for accumulator in accumulators:
-            handles.append(accumulator.target.hook_module.register_forward_hook(_record_hook(accumulator, recorder)))
+            module_weight(weight_module).requires_grad_(True)
         yield
+    finally:
+        for parameter, flag in flags.items():
+            parameter.requires_grad_(flag)
+        for module, mode in modes.items():
+            module.training = mode
+
+
+@contextmanager
+def collection_mode(model: nn.Module, accumulators: list[LayerAccumulator], recorder: Recorder) -> Iterator[None]:
+    """Eval mode, gradients only on the targets' weights, hooks installed; all undone on exit."""
+    handles = []
+    try:
+        with targets_in_graph(model, [accumulator.target.weight_module for accumulator in accumulators]):
+            for accumulator in accumulators:
+                handles.append(
+                    accumulator.target.hook_module.register_forward_hook(_record_hook(accumulator, recorder)))
+            yield
     finally:
         for handle in handles:
             handle.remove()
         recorder.clear()
         recorder.active = False
-        for parameter, flag in flags.items():
-            parameter.requires_grad_(flag)
-        for module, mode in modes.items():
-            module.training = mode
 
 
 def _record_hook(accumulator: LayerAccumulator, recorder: Recorder):  # noqa: ANN202
