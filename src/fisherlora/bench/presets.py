@@ -143,9 +143,9 @@ def _presets() -> dict[str, Preset]:
     # Seen on seeds 0-2 of the methods added later: LoRA-One's, LoRA-DA's and fisher_step's best LR sat at
     # the top (1e-2).
     lm_extensions.update({"lora_one": [3e-2], "lora_da": [3e-2], "fisher_step": [3e-2]})
-    # Seen on seeds 0-2 of the +alloc variants: fisher_step+alloc's and fisher_grad+alloc's best LR sat at
-    # the top (1e-2).
-    lm_extensions.update({"fisher_step+alloc": [3e-2], "fisher_grad+alloc": [3e-2]})
+    # Seen on seeds 0-2 of the +alloc variants: fisher_step+alloc's, fisher_grad+alloc's and
+    # fisher_eig+alloc's best LR sat at the top (1e-2).
+    lm_extensions.update({"fisher_step+alloc": [3e-2], "fisher_grad+alloc": [3e-2], "fisher_eig+alloc": [3e-2]})
     lm_full = TaskPlan(lrs=[3e-3, 1e-2], training=lm_training, options=LM_FULL, third_lr=(3e-2, 1e-3),
                        method_lrs=lm_extensions)
     # Seen on seeds 0-1: MiLoRA's and fisher_eig's best LR sat at the grid's top (3e-3).
