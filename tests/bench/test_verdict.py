@@ -37,16 +37,19 @@ def _brute_force_p(values: list[float]) -> float:
     return hits / 2 ** len(values)
 
 
-def _task_runs(task: str, tests: dict[str, list[float]], collapsed: dict[str, list[int]] | None = None
-               ) -> list[dict[str, Any]]:
-    """Stage 1 (one seed, 3 LRs; lora best on validation) and stage 2 (seeds 100.., LR 1e-3) of ``task``."""
-    runs = [make_run(m, lr, 0, 0.9 if (m, lr) == ("lora", 1e-3) else 0.5, 0.5, task=task, preset=task,
-                     run_id=f"{task}/{m}/{lr}") for m in tests for lr in (1e-4, 1e-3, 1e-2)]
+def _task_runs(task: str, tests: dict[str, list[float]], collapsed: dict[str, list[int]] | None = None,
+               preset: str | None = None) -> list[dict[str, Any]]:
+    """Stage 1 (one seed, 3 LRs; lora best on validation) and stage 2 (seeds 100.., LR 1e-3) of ``task``
+    under ``preset`` (default: the task's name)."""
+    preset = preset or task
+    runs = [make_run(m, lr, 0, 0.9 if (m, lr) == ("lora", 1e-3) else 0.5, 0.5, task=task, preset=preset,
+                     run_id=f"{preset}/{task}/{m}/{lr}") for m in tests for lr in (1e-4, 1e-3, 1e-2)]
     for method, values in tests.items():
         for index, value in enumerate(values):
             flag = 1.0 if index in (collapsed or {}).get(method, []) else 0.5
-            runs.append(make_run(method, 1e-3, 100 + index, 0.5, value, task=task, preset=task, stage="eval",
-                                 run_id=f"{task}/{method}/eval/{index}", test_predicted_majority_fraction=flag))
+            runs.append(make_run(method, 1e-3, 100 + index, 0.5, value, task=task, preset=preset, stage="eval",
+                                 run_id=f"{preset}/{task}/{method}/eval/{index}",
+                                 test_predicted_majority_fraction=flag))
     return runs
 
 
@@ -133,6 +136,38 @@ def test_pooled_effect_holm_and_exact_weighted_sign_flip() -> None:
     assert [r.p_holm for r in result.pooled] == pytest.approx(holm([r.p_sign_flip for r in result.pooled]))
     assert pooled["fisher_eig"].n_collapsed == 1 and pooled["fisher_eig"].n_runs == 8
     assert (pooled["fisher_svd"].wins, pooled["fisher_svd"].losses) == (7, 1)
+
+
+def test_regimes_of_one_task_count_once_averaged_per_seed() -> None:
+    # text and text-long share the test set and seeds: pooled, they are one task whose per-seed unit is
+    # the mean of the two regimes' standardized differences (text-long ran 3 of the 4 seeds so far).
+    base = [0.70, 0.72, 0.71, 0.69]
+    short_d = {"fisher_svd": [0.02, 0.03, -0.01, 0.02], "fisher_eig": [0.01, -0.02, 0.00, 0.01]}
+    long_d = {"fisher_svd": [0.04, 0.00, 0.03], "fisher_eig": [-0.01, -0.03, 0.02]}
+    vision_d = {"fisher_svd": [0.05, 0.01, 0.04, 0.06], "fisher_eig": [-0.03, -0.01, -0.02, 0.02]}
+    regimes = (("text", "text", short_d), ("text", "text-long", long_d), ("vision", "vision", vision_d))
+    runs = []
+    for task, preset, diffs in regimes:
+        tests = {"lora": base[:3] if preset == "text-long" else base,
+                 **{m: [b + x for b, x in zip(base, d, strict=False)] for m, d in diffs.items()}}
+        runs += _task_runs(task, tests, preset=preset)
+    result = verdict(summarize(runs))
+    assert [t.label for t in result.tasks] == ["text", "text-long/text", "vision"]
+    assert [t.task for t in result.tasks] == ["text", "text", "vision"]
+    spread = {preset: float(np.median([np.std(d, ddof=1) for d in diffs.values()])) for _, preset, diffs in regimes}
+    pooled = {row.method: row for row in result.pooled}
+    for method, row in pooled.items():
+        short = np.asarray(short_d[method]) / spread["text"]
+        long = np.asarray(long_d[method]) / spread["text-long"]
+        text = np.array([(short[0] + long[0]) / 2, (short[1] + long[1]) / 2, (short[2] + long[2]) / 2, short[3]])
+        vision = np.asarray(vision_d[method]) / spread["vision"]
+        assert row.n == 8
+        assert row.mean == pytest.approx((text.mean() + vision.mean()) / 2)
+        assert row.p_sign_flip == pytest.approx(_brute_force_p([x / (2 * 4) for x in (*text, *vision)]))
+        assert row.differences == pytest.approx((*text, *vision))
+    # Two regimes of one task are not two tasks: nothing is pooled without a second task.
+    only_text = [r for r in runs if r["task"] == "text"]
+    assert verdict(summarize(only_text)).pooled == []
 
 
 def test_verdict_report_and_forest_plot_are_written(tmp_path: Path) -> None:

@@ -16,7 +16,10 @@ on each task:
 - collapsed runs (test predictions in one class), counted and kept in every mean.
 
 Pooled across tasks, per method: each task's differences are divided by that task's spread, and
-the pooled effect is the mean over tasks of the per-task mean standardized difference. Its
+the pooled effect is the mean over tasks of the per-task mean standardized difference. A task run
+in several regimes (``text`` and ``text-long``: the same test set and evaluation seeds, so their
+differences are not independent) counts once: per evaluation seed, the mean of its regimes'
+standardized differences at that seed (of those regimes that ran it). Its
 interval is Student-t with the Welch-Satterthwaite degrees of freedom of that mean of means; its
 test flips the sign of every standardized difference (weighted ``1 / (T n_t)``), exactly up to 20
 seeds in all and from 100,000 seeded random sign patterns above; Holm across methods again; its
@@ -48,7 +51,8 @@ Reading = Literal["better", "worse", "equal within ±MDE", "unresolved"]
 class Row:
     """One method against the best baseline on one task, or pooled over tasks (``task == "pooled"``).
 
-    ``differences`` are per seed (pooled: every task's, standardized, in task order). ``mean`` and
+    ``differences`` are per seed, in the order of ``seeds`` (pooled: every task's, standardized, in task
+    order, a task's regimes averaged per seed; ``seeds`` empty). ``mean`` and
     ``low``/``high`` (95% interval) and ``mde`` are in metric units on a task and in task-spread units
     pooled; ``standardized*`` are in task-spread units everywhere. ``n_collapsed``/``n_runs``: the
     method's collapsed runs among its scored runs (None: not recorded).
@@ -72,6 +76,7 @@ class Row:
     n_collapsed: int | None
     n_runs: int
     differences: tuple[float, ...] = ()
+    seeds: tuple[int, ...] = ()
 
     @property
     def reading(self) -> Reading:
@@ -86,9 +91,11 @@ class Row:
 
 @dataclass(frozen=True)
 class TaskVerdict:
-    """Every compared method of one stage-2 task summary, against ``baseline``."""
+    """Every compared method of one stage-2 task summary, against ``baseline``. ``label`` names the
+    regime (``text-long/text``), ``task`` the task whose test set and seeds it uses (``text``)."""
 
     label: str
+    task: str
     metric_name: str
     baseline: str | None
     baseline_collapsed: int | None
@@ -141,20 +148,39 @@ def _task_verdict(summary: TaskSummary) -> TaskVerdict:
             p_sign_flip=paired.sign_flip_p_sampled(d), p_holm=math.nan,
             wins=m.comparison.wins, ties=m.comparison.ties, losses=m.comparison.losses, mde=mde,
             n_collapsed=n_collapsed, n_runs=n_runs, differences=tuple(float(x) for x in d),
+            seeds=tuple(m.comparison.seeds),
         ))
     adjusted = paired.holm([row.p_sign_flip for row in rows])
     rows = [replace(row, p_holm=p) for row, p in zip(rows, adjusted, strict=True)]
     baseline = summary.method(summary.best_baseline) if summary.best_baseline else None
     collapsed, runs = _collapsed(baseline) if baseline else (None, 0)
-    return TaskVerdict(label=task_label(summary), metric_name=summary.metric_name, baseline=summary.best_baseline,
-                       baseline_collapsed=collapsed, baseline_runs=runs, spread=spread,
+    return TaskVerdict(label=task_label(summary), task=summary.task, metric_name=summary.metric_name,
+                       baseline=summary.best_baseline, baseline_collapsed=collapsed, baseline_runs=runs, spread=spread,
                        n_seeds=max((row.n for row in rows), default=0), rows=rows)
 
 
-def _pooled_row(method: str, rows: Sequence[Row], spreads: Sequence[float], level: float) -> Row:
-    """Mean over tasks of the per-task mean standardized difference, with its interval and test."""
-    standardized = [np.asarray(row.differences, dtype=float) / spread for row, spread in zip(rows, spreads,
-                                                                                              strict=True)]
+def task_contribution(regimes: Sequence[tuple[Row, float]]) -> np.ndarray:
+    """One task's standardized differences, one per evaluation seed (ascending), from its regimes'
+    rows and spreads: at each seed the mean of ``difference / spread`` over the regimes that ran it.
+
+    Regimes of one task share its test set and evaluation seeds, so their differences at a seed are
+    not independent draws: averaging them per seed keeps one unit per seed, which the pooled sign
+    flip may flip as a whole (exchangeable under the null, as each regime's pair is)."""
+    by_seed: dict[int, list[float]] = {}
+    for row, spread in regimes:
+        if len(row.seeds) != len(row.differences):
+            raise ValueError(f"{row.method} on {row.task}: {len(row.differences)} differences for "
+                             f"{len(row.seeds)} seeds")
+        for seed, difference in zip(row.seeds, row.differences, strict=True):
+            by_seed.setdefault(seed, []).append(difference / spread)
+    return np.array([float(np.mean(values)) for _, values in sorted(by_seed.items())], dtype=float)
+
+
+def _pooled_row(method: str, tasks: Sequence[Sequence[tuple[Row, float]]], level: float) -> Row:
+    """Mean over tasks of the per-task mean standardized difference, with its interval and test;
+    ``tasks`` holds, per task, its regimes' rows with their spreads (`task_contribution`)."""
+    rows = [row for regimes in tasks for row, _ in regimes]
+    standardized = [task_contribution(regimes) for regimes in tasks]
     count = len(standardized)
     effect = float(np.mean([z.mean() for z in standardized]))
     variances = [float(z.var(ddof=1)) / z.size for z in standardized]
@@ -181,19 +207,19 @@ def _pooled_row(method: str, rows: Sequence[Row], spreads: Sequence[float], leve
 def verdict(summaries: Sequence[TaskSummary]) -> Verdict:
     """The verdict over the stage-2 summaries among ``summaries`` (stage-1 ones are ignored).
 
-    A method is pooled over the tasks where it has at least 2 paired seeds and the task's spread is
-    positive, when there are at least 2 such tasks.
+    A method is pooled over the regimes where it has at least 2 paired seeds and the regime's spread
+    is positive, when they cover at least 2 distinct tasks (regimes of one task: `task_contribution`).
     """
     tasks = [_task_verdict(s) for s in summaries if s.stage == "eval"]
-    usable: dict[str, list[tuple[Row, float]]] = {}
+    usable: dict[str, dict[str, list[tuple[Row, float]]]] = {}
     for task in tasks:
         if not (math.isfinite(task.spread) and task.spread > 0):
             continue
         for row in task.rows:
             if row.n >= 2:
-                usable.setdefault(row.method, []).append((row, task.spread))
+                usable.setdefault(row.method, {}).setdefault(task.task, []).append((row, task.spread))
     pooled_methods = [m for m in method_order(usable) if len(usable[m]) >= 2]
     level = ALPHA / max(len(pooled_methods), 1)
-    pooled = [_pooled_row(m, [r for r, _ in usable[m]], [s for _, s in usable[m]], level) for m in pooled_methods]
+    pooled = [_pooled_row(m, list(usable[m].values()), level) for m in pooled_methods]
     adjusted = paired.holm([row.p_sign_flip for row in pooled])
     return Verdict(tasks=tasks, pooled=[replace(row, p_holm=p) for row, p in zip(pooled, adjusted, strict=True)])

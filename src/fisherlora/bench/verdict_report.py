@@ -26,9 +26,10 @@ LEGEND = (
     "(k compared methods; Holm's strictest step) at that sd; collapsed: runs whose test predictions fell in one "
     "class (kept in every mean). Reading: better/worse when Holm's p <= "
     f"{ALPHA:g}; 'equal within ±MDE' when not and the interval lies inside ±MDE; otherwise unresolved. "
-    "Pooled: mean over tasks of each task's mean standardized Δ (Welch-Satterthwaite t interval; sign-flip over "
-    "every standardized difference, exact up to 20 seeds in all, else 100,000 seeded random sign patterns; MDE "
-    "by the normal approximation)."
+    "Pooled: mean over tasks of each task's mean standardized Δ; a task run in several regimes (text, text-long) "
+    "counts once, with its regimes' standardized Δ averaged per evaluation seed (Welch-Satterthwaite t interval; "
+    "sign-flip over every task's per-seed standardized difference, exact up to 20 in all, else 100,000 seeded "
+    "random sign patterns; MDE by the normal approximation)."
 )
 
 
