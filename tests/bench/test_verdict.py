@@ -19,11 +19,12 @@ from fisherlora.bench.paired import (
     normal_minimum_detectable_effect,
     paired_t_test,
     sign_flip_p_sampled,
+    smallest_sign_flip_p,
 )
 from fisherlora.bench.results import ResultsFile
 from fisherlora.bench.summary import summarize
 from fisherlora.bench.verdict import verdict
-from fisherlora.bench.verdict_report import write_verdict
+from fisherlora.bench.verdict_report import format_verdict, write_verdict
 
 from .records import make_run
 
@@ -138,6 +139,26 @@ def test_pooled_effect_holm_and_exact_weighted_sign_flip() -> None:
     assert (pooled["fisher_svd"].wins, pooled["fisher_svd"].losses) == (7, 1)
 
 
+def test_too_few_seeds_for_the_exact_test_read_unresolved_never_equal() -> None:
+    # 3 seeds: the sign-flip test's smallest p is 0.25, so at level 0.05/2 nothing is detectable (MDE ∞)
+    # however tight the interval; at 10 seeds and 2 methods (smallest p 0.00195 <= 0.025) it is finite.
+    base = [0.70, 0.72, 0.71, 0.69, 0.73, 0.70, 0.72, 0.71, 0.69, 0.70]
+    tiny = [0.0001, -0.0001, 0.0002, 0.0, 0.0001, -0.0002, 0.0001, 0.0, 0.0001, -0.0001]
+    other = [0.001, -0.002, 0.001, 0.002, -0.001, 0.0, 0.001, -0.001, 0.002, 0.0]
+    for n, finite in ((3, False), (10, True)):
+        tests = {"lora": base[:n], "fisher_svd": [b + d for b, d in zip(base[:n], tiny, strict=False)],
+                 "fisher_eig": [b + d for b, d in zip(base[:n], other, strict=False)]}
+        result = verdict(summarize(_task_runs("text", tests)))
+        (task,) = result.tasks
+        row = {r.method: r for r in task.rows}["fisher_svd"]
+        assert ("∞" in format_verdict(result)) == (not finite)
+        assert smallest_sign_flip_p(n) == 2.0 ** (1 - n)
+        assert (smallest_sign_flip_p(n) <= 0.05 / 2) == finite
+        assert math.isfinite(row.mde) == finite and math.isfinite(task.mde) == finite
+        assert row.reading == ("equal within ±MDE" if finite else "unresolved")
+    assert smallest_sign_flip_p(25) == pytest.approx(1 / 100_001) and smallest_sign_flip_p(0) == 1.0
+
+
 def test_regimes_of_one_task_count_once_averaged_per_seed() -> None:
     # text and text-long share the test set and seeds: pooled, they are one task whose per-seed unit is
     # the mean of the two regimes' standardized differences (text-long ran 3 of the 4 seeds so far).
@@ -194,8 +215,10 @@ def test_verdict_report_and_forest_plot_are_written(tmp_path: Path) -> None:
     # 5 seeds, all better by >= 0.03: the exact test cannot go below 2/2^5, so the verdict stays unresolved.
     assert rows[("text", "fisher_svd")].p_sign_flip == pytest.approx(2 / 32)
     assert rows[("text", "fisher_svd")].reading == "unresolved"
-    # Differences 0, .001, ..., .004: interval inside ±MDE.
-    assert rows[("text", "fisher_eig")].reading == "equal within ±MDE"
+    # Differences 0, .001, ..., .004: a tight interval, but at 5 seeds no effect is detectable (MDE ∞),
+    # so it is not read as equal either.
+    assert rows[("text", "fisher_eig")].mde == math.inf
+    assert rows[("text", "fisher_eig")].reading == "unresolved"
 
 
 def test_report_command_writes_verdict_forest_plot_and_readme_section(tmp_path: Path) -> None:

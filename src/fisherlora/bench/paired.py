@@ -107,6 +107,16 @@ def sign_flip_p_sampled(values: Sequence[float] | np.ndarray, resamples: int = 1
     return _permutation_p(d, resamples, np.random.default_rng(seed))
 
 
+def smallest_sign_flip_p(n: int, resamples: int = 100_000) -> float:
+    """The smallest p :func:`sign_flip_p_sampled` can return for ``n`` nonzero values: ``2 / 2^n`` when
+    exact (only the observed sign pattern and its negation are as extreme), else
+    ``1 / (resamples + 1)``; 1 for ``n < 1``. A test whose level is below it cannot reject at any effect
+    size, e.g. 3 seeds (0.25) at any level under 0.25."""
+    if n < 1:
+        return 1.0
+    return 2.0 ** (1 - n) if n <= MAX_EXACT_SIGN_FLIP_N else 1.0 / (resamples + 1)
+
+
 def mean_interval(differences: Sequence[float] | np.ndarray, level: float = 0.95) -> tuple[float, float]:
     """Student-t confidence interval of the mean difference, ``mean ± t_{(1+level)/2, n-1} sd / sqrt(n)``
     (``scipy.stats.ttest_1samp(...).confidence_interval``).

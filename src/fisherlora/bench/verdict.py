@@ -80,11 +80,12 @@ class Row:
 
     @property
     def reading(self) -> Reading:
-        """``better``/``worse`` when Holm's p <= alpha; ``equal within ±MDE`` when not and the interval
-        lies inside ``[-mde, mde]``; ``unresolved`` otherwise."""
+        """``better``/``worse`` when Holm's p <= alpha; ``equal within ±MDE`` when not, the MDE is finite
+        (the exact test can reject at this number of seeds) and the interval lies inside
+        ``[-mde, mde]``; ``unresolved`` otherwise."""
         if math.isfinite(self.p_holm) and self.p_holm <= ALPHA:
             return "better" if self.mean > 0 else "worse"
-        if math.isfinite(self.low) and -self.mde <= self.low and self.high <= self.mde:
+        if math.isfinite(self.low) and math.isfinite(self.mde) and -self.mde <= self.low and self.high <= self.mde:
             return "equal within ±MDE"
         return "unresolved"
 
@@ -123,6 +124,12 @@ def task_label(summary: TaskSummary) -> str:
     return summary.task if summary.preset in ("", summary.task) else f"{summary.preset}/{summary.task}"
 
 
+def _detectable(mde: float, n: int, level: float) -> float:
+    """``mde``, or infinity where the exact sign-flip test on ``n`` differences cannot reach ``level`` at
+    all (`paired.smallest_sign_flip_p`): the t-based MDE would promise power that test does not have."""
+    return math.inf if n >= 2 and paired.smallest_sign_flip_p(n) > level else mde
+
+
 def _collapsed(method: MethodSummary) -> tuple[int | None, int]:
     return method.n_collapsed, len(method.seeds)
 
@@ -140,7 +147,8 @@ def _task_verdict(summary: TaskSummary) -> TaskVerdict:
         low, high = paired.mean_interval(d)
         mean = float(d.mean())
         scale = spread if math.isfinite(spread) and spread > 0 else math.nan
-        mde = paired.minimum_detectable_effect(spread, d.size, level, POWER) if math.isfinite(spread) else math.nan
+        mde = _detectable(paired.minimum_detectable_effect(spread, d.size, level, POWER)
+                          if math.isfinite(spread) else math.nan, d.size, level)
         n_collapsed, n_runs = _collapsed(m)
         rows.append(Row(
             method=m.method, task=task_label(summary), n=int(d.size), mean=mean, low=low, high=high,
@@ -198,7 +206,8 @@ def _pooled_row(method: str, tasks: Sequence[Sequence[tuple[Row, float]]], level
         high=effect + half, standardized=effect, standardized_low=effect - half, standardized_high=effect + half,
         p_sign_flip=paired.sign_flip_p_sampled(weighted), p_holm=math.nan,
         wins=sum(row.wins for row in rows), ties=sum(row.ties for row in rows),
-        losses=sum(row.losses for row in rows), mde=paired.normal_minimum_detectable_effect(unit_error, level, POWER),
+        losses=sum(row.losses for row in rows),
+        mde=_detectable(paired.normal_minimum_detectable_effect(unit_error, level, POWER), len(weighted), level),
         n_collapsed=None if all(c is None for c in collapsed) else sum(c or 0 for c in collapsed),
         n_runs=sum(row.n_runs for row in rows), differences=tuple(float(x) for z in standardized for x in z),
     )

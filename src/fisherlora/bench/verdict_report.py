@@ -3,6 +3,7 @@ written by ``fisherlora report`` whenever its folders hold stage-2 runs."""
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,14 +24,21 @@ LEGEND = (
     "with its 95% Student-t interval; Δ/sd: Δ divided by the task's seed-to-seed sd of paired differences "
     "(median over the compared methods); p: exact two-sided sign-flip test, then Holm-adjusted across the methods "
     f"compared; MDE: the smallest true Δ found with {POWER:.0%} power by a paired t-test at level {ALPHA:g}/k "
-    "(k compared methods; Holm's strictest step) at that sd; collapsed: runs whose test predictions fell in one "
-    "class (kept in every mean). Reading: better/worse when Holm's p <= "
-    f"{ALPHA:g}; 'equal within ±MDE' when not and the interval lies inside ±MDE; otherwise unresolved. "
+    "(k compared methods; Holm's strictest step) at that sd, ∞ where the exact sign-flip test cannot reach that "
+    "level with so few seeds (its smallest p, 2^(1-n), is above it); collapsed: runs whose test predictions fell "
+    "in one class (kept in every mean). Reading: better/worse when Holm's p <= "
+    f"{ALPHA:g}; 'equal within ±MDE' when not, the MDE is finite and the interval lies inside ±MDE; otherwise "
+    "unresolved. "
     "Pooled: mean over tasks of each task's mean standardized Δ; a task run in several regimes (text, text-long) "
     "counts once, with its regimes' standardized Δ averaged per evaluation seed (Welch-Satterthwaite t interval; "
     "sign-flip over every task's per-seed standardized difference, exact up to 20 in all, else 100,000 seeded "
     "random sign patterns; MDE by the normal approximation)."
 )
+
+
+def _mde(value: float, spec: str) -> str:
+    """The MDE, ``∞`` where the exact test cannot reject at that number of seeds."""
+    return "∞" if value == math.inf else fmt(value, spec)
 
 
 def _collapsed(count: int | None, runs: int) -> str:
@@ -40,7 +48,7 @@ def _collapsed(count: int | None, runs: int) -> str:
 def _row(row: Row, digits: str) -> str:
     interval = f"{fmt(row.mean, digits)} [{fmt(row.low, digits)}, {fmt(row.high, digits)}]"
     cells = [row.method, str(row.n), interval, fmt(row.standardized, "+.2f"), fmt_p(row.p_sign_flip),
-             fmt_p(row.p_holm), f"{row.wins}/{row.ties}/{row.losses}", fmt(row.mde, ".4f"),
+             fmt_p(row.p_holm), f"{row.wins}/{row.ties}/{row.losses}", _mde(row.mde, ".4f"),
              _collapsed(row.n_collapsed, row.n_runs), row.reading]
     return "| " + " | ".join(cells) + " |"
 
@@ -58,7 +66,7 @@ def _task_block(task: TaskVerdict) -> str:
     header = (
         f"## {task.label} ({task.metric_name}) against **{task.baseline}**\n\n"
         f"Seed sd of paired differences: {fmt(task.spread, '.4f')}; {task.n_seeds} evaluation seeds; "
-        f"MDE at {task.n_seeds} seeds: {fmt(task.mde, '.4f')}; smallest attainable sign-flip p: "
+        f"MDE at {task.n_seeds} seeds: {_mde(task.mde, '.4f')}; smallest attainable sign-flip p: "
         f"{fmt_p(2.0 ** (1 - task.n_seeds)) if task.n_seeds else MISSING}; baseline collapsed runs: "
         f"{_collapsed(task.baseline_collapsed, task.baseline_runs)}."
     )
