@@ -90,7 +90,12 @@ def _permutation_p(d: np.ndarray, resamples: float, rng: np.random.Generator | N
     return float(result.pvalue)
 
 
-def sign_flip_p_sampled(values: Sequence[float] | np.ndarray, resamples: int = 100_000, seed: int = 0) -> float:
+SIGN_FLIP_RESAMPLES = 100_000
+"""Random sign patterns drawn by `sign_flip_p_sampled` above `MAX_EXACT_SIGN_FLIP_N` values."""
+
+
+def sign_flip_p_sampled(values: Sequence[float] | np.ndarray, resamples: int = SIGN_FLIP_RESAMPLES,
+                        seed: int = 0) -> float:
     """Sign-flip p-value of ``|sum(values)|``: exact up to :data:`MAX_EXACT_SIGN_FLIP_N` values, else
     from ``resamples`` random sign patterns drawn with ``seed`` (scipy's randomized permutation test,
     whose p counts the observed pattern: ``(hits + 1) / (resamples + 1)``, never 0).
@@ -107,7 +112,7 @@ def sign_flip_p_sampled(values: Sequence[float] | np.ndarray, resamples: int = 1
     return _permutation_p(d, resamples, np.random.default_rng(seed))
 
 
-def smallest_sign_flip_p(n: int, resamples: int = 100_000) -> float:
+def smallest_sign_flip_p(n: int, resamples: int = SIGN_FLIP_RESAMPLES) -> float:
     """The smallest p :func:`sign_flip_p_sampled` can return for ``n`` nonzero values: ``2 / 2^n`` when
     exact (only the observed sign pattern and its negation are as extreme), else
     ``1 / (resamples + 1)``; 1 for ``n < 1``. A test whose level is below it cannot reject at any effect

@@ -176,9 +176,6 @@ def task_contribution(regimes: Sequence[tuple[Row, float]]) -> np.ndarray:
     flip may flip as a whole (exchangeable under the null, as each regime's pair is)."""
     by_seed: dict[int, list[float]] = {}
     for row, spread in regimes:
-        if len(row.seeds) != len(row.differences):
-            raise ValueError(f"{row.method} on {row.task}: {len(row.differences)} differences for "
-                             f"{len(row.seeds)} seeds")
         for seed, difference in zip(row.seeds, row.differences, strict=True):
             by_seed.setdefault(seed, []).append(difference / spread)
     return np.array([float(np.mean(values)) for _, values in sorted(by_seed.items())], dtype=float)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ..files import atomic_write_bytes
 from .formatting import MISSING, fmt, fmt_p
+from .paired import smallest_sign_flip_p
 from .plots import plot_forest
 from .results import load_runs
 from .summary import summarize
@@ -67,7 +68,7 @@ def _task_block(task: TaskVerdict) -> str:
         f"## {task.label} ({task.metric_name}) against **{task.baseline}**\n\n"
         f"Seed sd of paired differences: {fmt(task.spread, '.4f')}; {task.n_seeds} evaluation seeds; "
         f"MDE at {task.n_seeds} seeds: {_mde(task.mde, '.4f')}; smallest attainable sign-flip p: "
-        f"{fmt_p(2.0 ** (1 - task.n_seeds)) if task.n_seeds else MISSING}; baseline collapsed runs: "
+        f"{fmt_p(smallest_sign_flip_p(task.n_seeds)) if task.n_seeds else MISSING}; baseline collapsed runs: "
         f"{_collapsed(task.baseline_collapsed, task.baseline_runs)}."
     )
     return header + "\n\n" + (_table(task.rows, "+.4f", "Δ test [95% CI]") if task.rows else "No compared method.")
