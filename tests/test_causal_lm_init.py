@@ -135,7 +135,8 @@ def test_init_collects_statistics_on_completion_tokens_only(llama_dir: Path, tmp
 
     rows = prompt_completion_rows(10)
     out = tmp_path / "out"
-    assert run_init(llama_dir, write_jsonl(tmp_path / "data.jsonl", rows), out, "--method", "fisher_svd") == 0
+    assert run_init(llama_dir, write_jsonl(tmp_path / "data.jsonl", rows), out, "--method", "fisher_svd",
+                    "--captured-energy") == 0
     assert {path.name for path in out.iterdir()} == {"adapter", "residual_model", "stats.safetensors", "report.json"}
     report = json.loads((out / "report.json").read_text())
     # all-linear: 7 projections in each of the 2 blocks, lm_head excluded (PEFT's rule).

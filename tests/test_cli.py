@@ -57,7 +57,8 @@ def test_init_writes_an_adapter_that_reproduces_the_base_function(model_dir: Pat
 
     data = write_csv(tmp_path / "data.csv", sample_rows())
     out = tmp_path / "out"
-    assert run_init(model_dir, data, out, "--targets", "query", "value", "--method", "fisher_svd") == 0
+    assert run_init(model_dir, data, out, "--targets", "query", "value", "--method", "fisher_svd",
+                    "--captured-energy") == 0
     assert {p.name for p in out.iterdir()} == {"adapter", "residual_model", "stats.safetensors", "report.json"}
     report = json.loads((out / "report.json").read_text())
     assert report["labels"] == {"neg": 0, "pos": 1} and len(report["layers"]) == 4
@@ -79,7 +80,7 @@ def test_init_writes_an_adapter_that_reproduces_the_base_function(model_dir: Pat
     ("--method", "fisher_step", "--step-gamma", "8", "--rank-allocation", "fisher"),
 ], ids=["lora_one", "fisher_step+alloc"])
 def test_init_with_a_real_first_step_writes_no_residual_and_converts_in_another_process(
-        model_dir: Path, tmp_path: Path, method_flags: tuple[str, ...]):
+        model_dir: Path, tmp_path: Path, method_flags: tuple[str, ...], capsys: pytest.CaptureFixture[str]):
     """LoRA-One and fisher_step (here with Fisher rank allocation) leave the base weights as they are:
     no residual model is written, the adapter folder records it, and `save_as_lora(initial_adapter=...)`
     then converts the trained adapter without subtracting the initial product: the original base plus
@@ -94,8 +95,12 @@ def test_init_with_a_real_first_step_writes_no_residual_and_converts_in_another_
     assert run_init(model_dir, data, out, "--targets", "query", "value", *method_flags) == 0
     assert {p.name for p in out.iterdir()} == {"adapter", "stats.safetensors", "report.json"}
     assert json.loads((out / "adapter" / "fisherlora_initial.json").read_text()) == {"residual_written": False}
-    ranks = {layer["rank"] for layer in json.loads((out / "report.json").read_text())["layers"]}
-    assert (len(ranks) > 1) == ("--rank-allocation" in method_flags)
+    layers = json.loads((out / "report.json").read_text())["layers"]
+    assert (len({layer["rank"] for layer in layers}) > 1) == ("--rank-allocation" in method_flags)
+    # Without --captured-energy the diagnostic is neither computed nor printed, and the flag is named.
+    assert all(layer["captured_energy"] is None for layer in layers)
+    printed = capsys.readouterr().out
+    assert "fisher energy" not in printed and "--captured-energy" in printed
 
     def original() -> torch.nn.Module:
         return AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2).eval()

@@ -150,7 +150,8 @@ def test_allocation_reuses_its_spectra_and_matches_each_layer_factorized_afresh(
     solver = fl.init.geometry.top_eigenpairs
     monkeypatch.setattr(fl.init.geometry, "top_eigenpairs", lambda factor, count: solves.append(count) or
                         solver(factor, count))
-    reports = fl.initialize_lora_fisher(model, stats, config_for(method, rank_allocation="fisher", **options))
+    reports = fl.initialize_lora_fisher(model, stats, config_for(method, rank_allocation="fisher", captured_energy=True,
+                                                                **options))
     monkeypatch.undo()
     ranks = {report.name: report.rank for report in reports}
     assert min(ranks.values()) < 4 < max(ranks.values())
@@ -161,7 +162,7 @@ def test_allocation_reuses_its_spectra_and_matches_each_layer_factorized_afresh(
     energies = {report.name: report.captured_energy for report in reports}
     for name, layer in lora_layers(model).items():
         fresh = fl.init.registry.compute_factors(method, base.get_submodule(name).weight, stats.layers[name],
-                                                 ranks[name], 2.0, config_for(method, **options))
+                                                 ranks[name], 2.0, config_for(method, captured_energy=True, **options))
         torch.testing.assert_close(layer.lora_A["default"].weight, fresh.lora_a, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(layer.lora_B["default"].weight, fresh.lora_b, rtol=1e-5, atol=1e-6)
         assert energies[name] == pytest.approx(fresh.captured_energy, rel=1e-9)

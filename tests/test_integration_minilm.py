@@ -51,7 +51,7 @@ def test_minilm_end_to_end(method: str, tmp_path: Path):
         reference = base(input_ids=batches[0]["input_ids"], attention_mask=batches[0]["attention_mask"]).logits
     model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"],
                                             task_type="SEQ_CLS"))
-    config = fl.FisherConfig(method=method, progress=False)
+    config = fl.FisherConfig(method=method, progress=False, captured_energy=True)
     stats = fl.collect_fisher(model, batches, config)
     assert len(stats) == 12 and all(layer.num_tokens > 0 for layer in stats.values())
     reports = fl.initialize_lora_fisher(model, stats, config)

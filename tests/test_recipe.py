@@ -73,7 +73,7 @@ def test_sft_trainer_statistics_see_the_completion_tokens_only(recipe, tiny, tmp
 
     model_dir, data = tiny
     rows = prompt_completion_rows(16)
-    callback = fl.FisherInitCallback(fl.FisherConfig(progress=False))
+    callback = fl.FisherInitCallback(fl.FisherConfig(progress=False, captured_energy=True))
     args = SFTConfig(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=8, report_to=[],
                      save_strategy="no", use_cpu=True, bf16=False, disable_tqdm=True, max_length=64)
 
@@ -90,7 +90,7 @@ def test_callback_reports_each_layer_and_refuses_to_resume(recipe, tiny, tmp_pat
     from transformers import AutoModelForCausalLM
 
     model_dir, data = tiny
-    callback = fl.FisherInitCallback(fl.FisherConfig(progress=False))
+    callback = fl.FisherInitCallback(fl.FisherConfig(progress=False, captured_energy=True))
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir),
                            LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], task_type="CAUSAL_LM"))
     trainer = recipe.trainer_for(model, recipe_tokenizer(model_dir), data, tmp_path, steps=1, learning_rate=1e-3,

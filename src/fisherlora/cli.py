@@ -101,10 +101,12 @@ def _command_init(args: argparse.Namespace) -> int:
         if energies:
             print(f"  fisher energy captured per layer: min {min(energies):.3f}, max {max(energies):.3f}; "
                   f"every layer in {job.out}/report.json")
-        return 0
-    for layer in layers:
-        energy = layer["captured_energy"]
-        print(f"  {layer['name']}: r={layer['rank']} fisher energy={'-' if energy is None else f'{energy:.3f}'}")
+    else:
+        for layer in layers:
+            energy = layer["captured_energy"]
+            print(f"  {layer['name']}: r={layer['rank']}" + ("" if energy is None else f" fisher energy={energy:.3f}"))
+    if not job.fisher.captured_energy and any(layer["damping_added"] is not None for layer in layers):
+        print("  (--captured-energy also reports the Fisher energy each layer's adapter holds)")
     return 0
 
 

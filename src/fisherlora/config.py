@@ -198,6 +198,11 @@ class FisherConfig(CollectionConfig):
             spreads the same total number of ranks over the layers in proportion to each layer's
             Fisher energy, re-creating each adapter at its rank (`init/allocation.py`; recorded as
             PEFT's `rank_pattern`). Needs `A` and `G`, whatever the method.
+        captured_energy: also compute each layer's captured Fisher energy (`LayerReport.captured_energy`,
+            the fraction of `||G^1/2 W A^1/2||_F^2` the adapter holds). A diagnostic, off by default:
+            where the method did not form it, its denominator costs a product of `W` with both
+            K-FAC factors per layer (about a third of `fisher_eig`'s initialization on SmolLM2-135M
+            with every linear layer targeted). It changes no factor.
     """
 
     method: str = field(default="fisher_eig", metadata={"cli": False})
@@ -206,6 +211,9 @@ class FisherConfig(CollectionConfig):
     # Added after results existed: "uniform" (what every earlier run did) leaves run ids unchanged.
     rank_allocation: RankAllocation = field(default="uniform", metadata={
         "neutral": "uniform", "help": "'fisher': spread the total rank over layers by Fisher energy"})
+    captured_energy: bool = field(default=False, metadata={
+        "identity": False, "help": "report each layer's captured Fisher energy (a diagnostic; costs a product "
+                                   "of W with both factors per layer)"})
 
     def __post_init__(self) -> None:
         super().__post_init__()

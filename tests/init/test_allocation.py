@@ -98,6 +98,7 @@ def test_layer_energy_is_the_top_r_whitened_spectrum():
     from fisherlora.config import FisherConfig
     from fisherlora.init import run_initializer
 
-    result = run_initializer("fisher_svd", weight.float(), stats, 2, 1.0, FisherConfig(damping=1e-2))
+    config = FisherConfig(damping=1e-2, captured_energy=True)
+    result = run_initializer("fisher_svd", weight.float(), stats, 2, 1.0, config)
     assert result.captured_energy is not None
     assert result.captured_energy * total == pytest.approx(energies[1], rel=1e-4)

@@ -38,7 +38,8 @@ def rank_r_input_side(whitened: torch.Tensor, act_inverse_root: torch.Tensor, ra
 
 
 def zero(source: str) -> fl.FisherConfig:
-    return fl.FisherConfig(method="fisher_zero", damping=DAMPING, options=FisherZeroOptions(source=source))
+    return fl.FisherConfig(method="fisher_zero", damping=DAMPING, options=FisherZeroOptions(source=source),
+                          captured_energy=True)
 
 
 @pytest.mark.parametrize("seed", range(3))

@@ -138,7 +138,7 @@ def assert_matches_reference(variant: str, weight: torch.Tensor, stats: LayerSta
                              cache: FactorCache | None = None) -> None:
     method = variant.split("/")[0]
     rank = min(RANK, *weight.shape)
-    config = fl.FisherConfig(method=method, damping=damping, options=VARIANTS[variant])
+    config = fl.FisherConfig(method=method, damping=damping, options=VARIANTS[variant], captured_energy=True)
     factors = compute_factors(method, weight, stats, rank, SCALING, config, cache=cache)
     product = SCALING * factors.lora_b.double() @ factors.lora_a.double()
     expected, energy = reference(variant, weight, stats, damping, rank)
@@ -186,7 +186,7 @@ def test_fisher_eig_reads_each_factor_as_one_float64_copy(llama_stats, monkeypat
     solver = geometry.top_eigenpairs
     monkeypatch.setattr(geometry, "top_eigenpairs", lambda factor, count: seen.append(factor) or solver(factor, count))
     cache = FactorCache(stats.values())
-    config = fl.FisherConfig(method="fisher_eig")
+    config = fl.FisherConfig(method="fisher_eig", captured_energy=True)
     for name in stats:
         compute_factors("fisher_eig", model.get_submodule(name).weight.detach(), stats[name], RANK, SCALING, config,
                         cache=cache)
@@ -265,7 +265,7 @@ def test_run_initializer_is_compute_factors_and_the_residual(llama_stats):
     model, stats = llama_stats
     name = "model.layers.0.mlp.gate_proj"
     weight = model.get_submodule(name).weight.detach()
-    config = fl.FisherConfig(method="fisher_svd")
+    config = fl.FisherConfig(method="fisher_svd", captured_energy=True)
     result = run_initializer("fisher_svd", weight, stats[name], RANK, SCALING, config)
     factors = compute_factors("fisher_svd", weight, stats[name], RANK, SCALING, config)
     assert torch.equal(result.lora_a, factors.lora_a) and torch.equal(result.lora_b, factors.lora_b)
@@ -371,3 +371,26 @@ def test_an_undamped_singular_factor_falls_back_to_the_eigenvalue_floor():
     weight = torch.randn(6, 5, generator=torch.Generator().manual_seed(0))
     stats = LayerStats(torch.diag(torch.tensor([1.0, 2.0, 0.0, 3.0, 0.5])), torch.eye(6), None, 1, 1, "linear", (6, 5))
     assert_matches_reference("fisher_svd", weight, stats, damping=0.0)
+
+
+@pytest.mark.parametrize("method", sorted(name for name, entry in fl.init.registry.INITIALIZERS.items()
+                                          if entry.statistics_with(entry.resolve_options(None))))
+def test_without_captured_energy_no_fisher_norm_is_formed_and_the_factors_are_the_same(
+        method: str, llama_stats, monkeypatch: pytest.MonkeyPatch):
+    # The diagnostic is off by default: it must cost nothing and change nothing.
+    model, stats = llama_stats
+    names = ("model.layers.0.mlp.down_proj", "model.layers.0.mlp.gate_proj", "model.layers.0.self_attn.k_proj")
+    weights = {name: model.get_submodule(name).weight.detach() for name in names}
+    asked = {name: compute_factors(method, weights[name], stats[name], RANK, SCALING,
+                                   fl.FisherConfig(method=method, captured_energy=True)) for name in names}
+
+    def refuse(*arguments):
+        raise AssertionError("a Fisher norm was computed without captured_energy")
+    monkeypatch.setattr(geometry.LayerGeometry, "fisher_norm_squared", refuse)
+    monkeypatch.setattr(fl.init.registry, "low_rank_fisher_norm_squared", refuse)
+    assert not fl.FisherConfig().captured_energy
+    for name in names:
+        factors = compute_factors(method, weights[name], stats[name], RANK, SCALING, fl.FisherConfig(method=method))
+        assert factors.captured_energy is None and factors.damping_added == asked[name].damping_added
+        assert asked[name].captured_energy is not None
+        assert torch.equal(factors.lora_a, asked[name].lora_a) and torch.equal(factors.lora_b, asked[name].lora_b)

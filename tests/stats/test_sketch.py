@@ -83,7 +83,7 @@ def test_initializers_on_sketched_statistics(method: str):
     exact = collect(net, batches)
     full = collect(net, batches, sketch_threshold=1, sketch_rank=D_IN)  # k = d: exact
     small = collect(net, batches, sketch_threshold=1, sketch_rank=3)
-    config = fl.FisherConfig(method=method, damping=1e-2)
+    config = fl.FisherConfig(method=method, damping=1e-2, captured_energy=True)
     weight = net.fc1.weight.detach()
     reference = run_initializer(method, weight, exact["fc1"], 2, 2.0, config)
     at_full = run_initializer(method, weight, full["fc1"], 2, 2.0, config)

@@ -23,7 +23,8 @@ class InitResult:
         lora_a: `(r, d_in)`.
         lora_b: `(d_out, r)`.
         residual: `(d_out, d_in)`.
-        captured_energy: `||s B A||_F^2 / ||W||_F^2` in the Fisher norm (None without statistics).
+        captured_energy: `||s B A||_F^2 / ||W||_F^2` in the Fisher norm (None without statistics, or
+            unless `FisherConfig.captured_energy` asked for it).
         damping_added: absolute damping added to `A` and `G` (None without statistics).
     """
 
@@ -231,18 +232,24 @@ def compute_factors(
     captured = None
     damping_added = None
     if geometry is not None:
-        # A zero product (a zero start) holds nothing: the Fisher norm of W, which costs a product of
-        # the wider factor with W where no initializer formed it, is not needed.
-        held = 0.0
-        if bool(lora_b.any()) and bool(lora_a.any()):
-            held = low_rank_fisher_norm_squared(scaling * lora_b, lora_a, geometry.damped_grad_cov,
-                                                geometry.damped_act_cov)
-        total = geometry.fisher_norm_squared(matrix) if held > 0 else 0.0
-        captured = held / total if total > 0 else 0.0
         damping_added = geometry.damping_added
+        if config.captured_energy:
+            captured = _captured_energy(geometry, matrix, scaling * lora_b, lora_a)
     return LayerFactors(lora_a=lora_a, lora_b=lora_b, scaling=scaling,
                         preserves_function=initializer.preserves_function, captured_energy=captured,
                         damping_added=damping_added)
+
+
+def _captured_energy(geometry: LayerGeometry, weight: torch.Tensor, scaled_b: torch.Tensor,
+                     lora_a: torch.Tensor) -> float:
+    """`||G^1/2 s B A A^1/2||_F^2 / ||G^1/2 W A^1/2||_F^2` (damped factors), 0 for a zero product."""
+    # A zero product (a zero start) holds nothing: the Fisher norm of W, which costs a product of
+    # the wider factor with W where no initializer formed it, is not needed.
+    if not (bool(scaled_b.any()) and bool(lora_a.any())):
+        return 0.0
+    held = low_rank_fisher_norm_squared(scaled_b, lora_a, geometry.damped_grad_cov, geometry.damped_act_cov)
+    total = geometry.fisher_norm_squared(weight) if held > 0 else 0.0
+    return held / total if total > 0 else 0.0
 
 
 def run_initializer(
