@@ -17,7 +17,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 def _runs(task: str, test: dict[str, list[float]], val_offset: float = 0.0) -> list[dict[str, Any]]:
     """One LR per method, one run per seed; validation = test + val_offset."""
     return [
-        {"run_id": f"{task}|{method}|{seed}", "preset": "p", "task": task, "method": method, "seed": seed, "lr": 1e-3,
+        {"run_id": f"{task}|{method}|{seed}", "preset": task, "task": task, "method": method, "seed": seed, "lr": 1e-3,
          "metric_name": "accuracy", "val_metric": value + val_offset, "test_metric": value, "final_train_loss": 0.5,
          "curve": {"step": [0, 10], "train_loss": [1.0, 0.5]}}
         for method, values in test.items() for seed, value in enumerate(values)
@@ -63,3 +63,27 @@ def test_write_overview_and_readme_section(tmp_path: Path):
     update_readme_overview(readme, folders, summaries, plot)
     text = readme.read_text()
     assert "old" not in text and "| fisher_svd |" in text and "(results/overview.png)" in text
+
+
+def _regime(runs: list[dict[str, Any]], preset: str) -> list[dict[str, Any]]:
+    return [{**run, "preset": preset, "run_id": f"{preset}|{run['run_id']}"} for run in runs]
+
+
+def test_regimes_of_one_task_count_once_and_a_running_regime_is_left_out():
+    long_text = {"lora": [0.95, 0.95, 0.95], "pissa": [0.90, 0.90, 0.90], "fisher_svd": [0.80, 0.80, 0.80]}
+    complete = summarize(_runs("text", TEXT) + _regime(_runs("text", long_text), "text-long")
+                         + _runs("vision", VISION))
+    ranks = mean_ranks(complete)
+    # text: fisher_svd #1 (text) and #3 (text-long) -> 2 for the task; vision #3 -> (2 + 3) / 2 over 2 tasks.
+    # lora: text #3, text-long #1 -> 2; vision #1 -> 1.5. pissa: text #2, text-long #2 -> 2, one task.
+    assert ranks["fisher_svd"] == (2.5, 2) and ranks["lora"] == (1.5, 2) and ranks["pissa"] == (2.0, 1)
+    table = format_overview(complete)
+    assert "| method | text (accuracy) | text-long/text (accuracy) | vision (accuracy) |" in table
+    assert "Left out" not in table
+
+    running = summarize(_runs("text", TEXT) + _regime(_runs("text", {"lora": [0.99, 0.99, 0.99]}), "text-long")
+                        + _runs("vision", VISION))
+    # text-long has run 1 of text's 3 methods: its "#1/1" must not lift lora's mean rank.
+    assert mean_ranks(running) == mean_ranks(summarize(_runs("text", TEXT) + _runs("vision", VISION)))
+    assert "Left out of the mean ranks while their stage 1 runs: text-long/text (1 of 3 methods so far)." in \
+        format_overview(running)

@@ -43,20 +43,39 @@ def _scored(summary: TaskSummary) -> list[MethodSummary]:
     return [m for m in summary.methods if m.best_lr is not None and math.isfinite(m.test_mean)]
 
 
+def in_progress(summaries: Sequence[TaskSummary]) -> list[TaskSummary]:
+    """The regimes whose stage 1 has run fewer methods than another regime of the same task (e.g.
+    `text-long` while its LR grid is still running, next to a complete `text`)."""
+    most: dict[str, int] = {}
+    for summary in summaries:
+        most[summary.task] = max(most.get(summary.task, 0), len(summary.methods))
+    return [summary for summary in summaries if len(summary.methods) < most[summary.task]]
+
+
 def mean_ranks(summaries: Sequence[TaskSummary], split: str = "test") -> dict[str, tuple[float, int]]:
     """``{method: (mean rank over the tasks where it has a result, number of such tasks)}``.
 
     ``split``: "test" ranks by mean test metric, "validation" by mean validation metric (each at
-    the method's validation-selected LR).
+    the method's validation-selected LR). A task run in several regimes (presets of one task, e.g.
+    `text` and `text-long`) counts as one task, as in the verdict: a method's rank in it is the mean
+    of its ranks in the regimes. A regime still running (`in_progress`) is left out: a rank among
+    the few methods it has run is not a rank among all of them.
     """
     if split not in ("test", "validation"):
         raise ValueError(f"split must be 'test' or 'validation', got {split!r}")
-    collected: dict[str, list[float]] = {}
+    partial = {id(summary) for summary in in_progress(summaries)}
+    by_task: dict[str, dict[str, list[float]]] = {}
     for summary in summaries:
+        if id(summary) in partial:
+            continue
         scored = _scored(summary)
         values = {m.method: (m.test_mean if split == "test" else m.val_mean) for m in scored}
         for method, rank in rank_of(values).items():
-            collected.setdefault(method, []).append(rank)
+            by_task.setdefault(summary.task, {}).setdefault(method, []).append(rank)
+    collected: dict[str, list[float]] = {}
+    for ranks in by_task.values():
+        for method, regime_ranks in ranks.items():
+            collected.setdefault(method, []).append(float(np.mean(regime_ranks)))
     return {method: (float(np.mean(ranks)), len(ranks)) for method, ranks in collected.items()}
 
 
@@ -78,12 +97,18 @@ def format_overview(summaries: Sequence[TaskSummary]) -> str:
     methods = method_order(m.method for s in summaries for m in s.methods)
     task_ranks = [rank_of({m.method: m.test_mean for m in _scored(s)}) for s in summaries]
     test_ranks, val_ranks = mean_ranks(summaries, "test"), mean_ranks(summaries, "validation")
-    labels = [f"{s.task} ({s.metric_name})" for s in summaries]
+    labels = [f"{s.label} ({s.metric_name})" for s in summaries]
+    partial = in_progress(summaries)
+    left_out = ("" if not partial else " Left out of the mean ranks while their stage 1 runs: " + "; ".join(
+        f"{s.label} ({len(s.methods)} of {max(len(x.methods) for x in summaries if x.task == s.task)} methods so far)"
+        for s in partial) + ".")
     lines = [
         "Each cell: test metric at the validation-selected LR, mean over seeds (#rank among the methods "
         "with a result); for a Fisher variant also the paired Δ against that task's best baseline and its "
         "wins/ties/losses over seeds. Best baselines: "
-        + "; ".join(f"{s.task}: {s.best_baseline or '–'}" for s in summaries) + ".",
+        + "; ".join(f"{s.label}: {s.best_baseline or '–'}" for s in summaries) + ". Mean ranks count the "
+        "regimes of one task (e.g. text and text-long) as one task, ranked by the mean of its regime ranks."
+        + left_out,
         "",
         "| method | " + " | ".join(labels) + " | mean rank, test (tasks) | mean rank, validation (tasks) |",
         "|---|" + "---|" * (len(summaries) + 2),

@@ -128,7 +128,7 @@ def plot_overview(summaries: Sequence[TaskSummary], path: Path) -> Path:
             errors.append(float(differences.std(ddof=1)) if differences.size > 1 else 0.0)
             positions.append(position + (index - (len(summaries) - 1) / 2) * width)
         ax.bar(positions, means, width=width, yerr=errors, capsize=3,
-               label=f"{summary.task} (vs {summary.best_baseline})")
+               label=f"{summary.label} (vs {summary.best_baseline})")
     ax.axhline(0.0, color="black", linewidth=0.8)
     ax.set_xticks(range(len(ours)), ours, rotation=30, ha="right")
     ax.set_ylabel("Δ test metric vs best baseline")

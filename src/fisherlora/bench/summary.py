@@ -124,6 +124,12 @@ class TaskSummary:
     stage: Stage = "tune"
 
     @property
+    def label(self) -> str:
+        """``text`` for preset ``text`` of task ``text``; ``text-long/text`` when the preset, a regime
+        of the task (e.g. longer training), says more."""
+        return self.task if self.preset in ("", self.task) else f"{self.preset}/{self.task}"
+
+    @property
     def n_failed(self) -> int:
         """Failed runs on this task, all methods together."""
         return len(self.failed_runs)

@@ -119,11 +119,6 @@ class Verdict:
     pooled: list[Row]
 
 
-def task_label(summary: TaskSummary) -> str:
-    """``text`` for preset ``text`` of task ``text``; ``text-long/text`` when the preset says more."""
-    return summary.task if summary.preset in ("", summary.task) else f"{summary.preset}/{summary.task}"
-
-
 def _detectable(mde: float, n: int, level: float) -> float:
     """``mde``, or infinity where the exact sign-flip test on ``n`` differences cannot reach ``level`` at
     all (`paired.smallest_sign_flip_p`): the t-based MDE would promise power that test does not have."""
@@ -151,7 +146,7 @@ def _task_verdict(summary: TaskSummary) -> TaskVerdict:
                           if math.isfinite(spread) else math.nan, d.size, level)
         n_collapsed, n_runs = _collapsed(m)
         rows.append(Row(
-            method=m.method, task=task_label(summary), n=int(d.size), mean=mean, low=low, high=high,
+            method=m.method, task=summary.label, n=int(d.size), mean=mean, low=low, high=high,
             standardized=mean / scale, standardized_low=low / scale, standardized_high=high / scale,
             p_sign_flip=paired.sign_flip_p_sampled(d), p_holm=math.nan,
             wins=m.comparison.wins, ties=m.comparison.ties, losses=m.comparison.losses, mde=mde,
@@ -162,7 +157,7 @@ def _task_verdict(summary: TaskSummary) -> TaskVerdict:
     rows = [replace(row, p_holm=p) for row, p in zip(rows, adjusted, strict=True)]
     baseline = summary.method(summary.best_baseline) if summary.best_baseline else None
     collapsed, runs = _collapsed(baseline) if baseline else (None, 0)
-    return TaskVerdict(label=task_label(summary), task=summary.task, metric_name=summary.metric_name,
+    return TaskVerdict(label=summary.label, task=summary.task, metric_name=summary.metric_name,
                        baseline=summary.best_baseline, baseline_collapsed=collapsed, baseline_runs=runs, spread=spread,
                        n_seeds=max((row.n for row in rows), default=0), rows=rows)
 
