@@ -133,7 +133,7 @@ class LayerReport:
         rank: LoRA rank.
         scaling: LoRA scaling `s`.
         captured_energy: fraction of `||W||^2` in the Fisher norm held by the adapter (None for
-            data-free methods, and unless `FisherConfig.captured_energy` asked for it).
+            data-free methods, and for every method unless `FisherConfig.captured_energy` asked for it).
         damping_added: absolute damping added to `(A, G)`.
         untied_from: the parameters this layer's weight was tied to (shared storage, e.g. the input
             embedding of a model with `tie_word_embeddings=True`): the layer got its own copy

@@ -242,7 +242,8 @@ def compute_factors(
 
 def _captured_energy(geometry: LayerGeometry, weight: torch.Tensor, scaled_b: torch.Tensor,
                      lora_a: torch.Tensor) -> float:
-    """`||G^1/2 s B A A^1/2||_F^2 / ||G^1/2 W A^1/2||_F^2` (damped factors), 0 for a zero product."""
+    """`||G^1/2 (s B A_lora) A^1/2||_F^2 / ||G^1/2 W A^1/2||_F^2` with the damped K-FAC factors `A`, `G`
+    (`A_lora` the adapter's `A`), 0 for a zero product."""
     # A zero product (a zero start) holds nothing: the Fisher norm of W, which costs a product of
     # the wider factor with W where no initializer formed it, is not needed.
     if not (bool(scaled_b.any()) and bool(lora_a.any())):
