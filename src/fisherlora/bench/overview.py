@@ -43,12 +43,18 @@ def _scored(summary: TaskSummary) -> list[MethodSummary]:
     return [m for m in summary.methods if m.best_lr is not None and math.isfinite(m.test_mean)]
 
 
-def in_progress(summaries: Sequence[TaskSummary]) -> list[TaskSummary]:
-    """The regimes whose stage 1 has run fewer methods than another regime of the same task (e.g.
-    `text-long` while its LR grid is still running, next to a complete `text`)."""
+def _methods_per_task(summaries: Sequence[TaskSummary]) -> dict[str, int]:
+    """Per task, the number of methods its fullest regime has run."""
     most: dict[str, int] = {}
     for summary in summaries:
         most[summary.task] = max(most.get(summary.task, 0), len(summary.methods))
+    return most
+
+
+def in_progress(summaries: Sequence[TaskSummary]) -> list[TaskSummary]:
+    """The regimes whose stage 1 has run fewer methods than another regime of the same task (e.g.
+    `text-long` while its LR grid is still running, next to a complete `text`)."""
+    most = _methods_per_task(summaries)
     return [summary for summary in summaries if len(summary.methods) < most[summary.task]]
 
 
@@ -98,10 +104,9 @@ def format_overview(summaries: Sequence[TaskSummary]) -> str:
     task_ranks = [rank_of({m.method: m.test_mean for m in _scored(s)}) for s in summaries]
     test_ranks, val_ranks = mean_ranks(summaries, "test"), mean_ranks(summaries, "validation")
     labels = [f"{s.label} ({s.metric_name})" for s in summaries]
-    partial = in_progress(summaries)
+    partial, most = in_progress(summaries), _methods_per_task(summaries)
     left_out = ("" if not partial else " Left out of the mean ranks while their stage 1 runs: " + "; ".join(
-        f"{s.label} ({len(s.methods)} of {max(len(x.methods) for x in summaries if x.task == s.task)} methods so far)"
-        for s in partial) + ".")
+        f"{s.label} ({len(s.methods)} of {most[s.task]} methods so far)" for s in partial) + ".")
     lines = [
         "Each cell: test metric at the validation-selected LR, mean over seeds (#rank among the methods "
         "with a result); for a Fisher variant also the paired Δ against that task's best baseline and its "
