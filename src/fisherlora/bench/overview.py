@@ -19,23 +19,10 @@ from ..files import atomic_write_bytes
 from .plots import plot_overview
 from .results import common_folder, load_runs
 from .roles import method_order
-from .summary import MethodSummary, TaskSummary, summarize
+from .summary import MethodSummary, TaskSummary, rank_of, summarize
 
 OVERVIEW_FILE = "overview.md"
 OVERVIEW_PLOT = "overview.png"
-
-
-def rank_of(values: Mapping[str, float]) -> dict[str, float]:
-    """Rank of each key by value, 1 = highest; tied values share their mean rank.
-
-    ``{"a": 0.9, "b": 0.7, "c": 0.9}`` -> ``{"a": 1.5, "c": 1.5, "b": 3.0}``.
-    """
-    ordered = sorted(values.values(), reverse=True)
-    ranks: dict[str, float] = {}
-    for key, value in values.items():
-        positions = [i + 1 for i, v in enumerate(ordered) if v == value]
-        ranks[key] = sum(positions) / len(positions)
-    return ranks
 
 
 def _scored(summary: TaskSummary) -> list[MethodSummary]:

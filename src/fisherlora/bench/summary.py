@@ -349,3 +349,16 @@ def summarize(runs: Iterable[Run], smooth_window: int = 1) -> list[TaskSummary]:
             empty_tune = TaskSummary(preset, task, "", [], None, None)
             summaries.append(_summarize_task(preset, task, eval_runs, smooth_window, tune or empty_tune))
     return summaries
+
+
+def rank_of(values: Mapping[str, float]) -> dict[str, float]:
+    """Rank of each key by value, 1 = highest; tied values share their mean rank.
+
+    ``{"a": 0.9, "b": 0.7, "c": 0.9}`` -> ``{"a": 1.5, "c": 1.5, "b": 3.0}``.
+    """
+    ordered = sorted(values.values(), reverse=True)
+    ranks: dict[str, float] = {}
+    for key, value in values.items():
+        positions = [i + 1 for i, v in enumerate(ordered) if v == value]
+        ranks[key] = sum(positions) / len(positions)
+    return ranks

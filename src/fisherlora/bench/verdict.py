@@ -38,6 +38,7 @@ import numpy as np
 from scipy import stats
 
 from . import paired
+from .default_rule import DefaultChoice, choose_default
 from .roles import method_order
 from .summary import MethodSummary, TaskSummary
 
@@ -113,10 +114,12 @@ class TaskVerdict:
 
 @dataclass(frozen=True)
 class Verdict:
-    """Per-task verdicts (in the order of the summaries) and the pooled rows (display order)."""
+    """Per-task verdicts (in the order of the summaries), the pooled rows (display order) and the
+    default-method rule on the same stage-2 runs (:mod:`.default_rule`)."""
 
     tasks: list[TaskVerdict]
     pooled: list[Row]
+    default: DefaultChoice | None = None
 
 
 def _detectable(mde: float, n: int, level: float) -> float:
@@ -223,4 +226,5 @@ def verdict(summaries: Sequence[TaskSummary]) -> Verdict:
     level = ALPHA / max(len(pooled_methods), 1)
     pooled = [_pooled_row(m, list(usable[m].values()), level) for m in pooled_methods]
     adjusted = paired.holm([row.p_sign_flip for row in pooled])
-    return Verdict(tasks=tasks, pooled=[replace(row, p_holm=p) for row, p in zip(pooled, adjusted, strict=True)])
+    return Verdict(tasks=tasks, pooled=[replace(row, p_holm=p) for row, p in zip(pooled, adjusted, strict=True)],
+                   default=choose_default(summaries))

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..files import atomic_write_bytes
+from .default_rule import format_default_choice
 from .formatting import MISSING, fmt, fmt_p
 from .paired import smallest_sign_flip_p
 from .plots import plot_forest
@@ -75,13 +76,15 @@ def _task_block(task: TaskVerdict) -> str:
 
 
 def format_verdict(result: Verdict) -> str:
-    """Markdown: one table per stage-2 task, then the pooled table."""
+    """Markdown: one table per stage-2 task, the pooled table, then the default-method rule."""
     blocks = [_task_block(task) for task in result.tasks]
     if result.pooled:
         blocks.append("## Pooled across tasks (standardized: Δ / task's seed sd)\n\n"
                       + _table(result.pooled, "+.3f", "standardized Δ [95% CI]"))
     else:
         blocks.append("## Pooled across tasks\n\nNo method has stage-2 comparisons on two or more tasks.")
+    if result.default is not None:
+        blocks.append(format_default_choice(result.default))
     return "\n\n".join(blocks) + "\n"
 
 
