@@ -170,6 +170,6 @@ def format_default_choice(choice: DefaultChoice) -> str:
               "Provisional: stage 2 is not complete (" + "; ".join(choice.incomplete) + ").")
     return ("## Default method (validation metrics only)\n\n"
             "Each task ranks every stage-2 method by its mean validation metric (1 = best; a task's regimes "
-            "averaged). Among the Fisher variants with a result on every task, X
-            "some task are ruled out; the best mean rank of the others is the pick.\n\n"
+            "averaged). Among the Fisher variants with a result on every task, those ranked last among them on "
+            "some task (behind at least one) are ruled out; the best mean rank of the others is the pick.\n\n"
             + "\n".join(lines) + f"\n\n{outcome} {status}")
