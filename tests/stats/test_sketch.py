@@ -13,6 +13,7 @@ from fisherlora.init.registry import INITIALIZERS, run_initializer
 from fisherlora.stats.collect import layer_groups
 from fisherlora.stats.linalg import symmetric_roots
 from fisherlora.stats.sketch import LowRankFactor, NystromSketch, layer_statistics_bytes
+from fisherlora.stats.top_r import top_eigenpairs
 from models import TinyMLP, pair_batches
 
 D_IN, HIDDEN, CLASSES = 12, 10, 6
@@ -75,6 +76,42 @@ def test_low_rank_roots_match_dense_roots():
         assert roots.damping_added == pytest.approx(reference.damping_added, rel=1e-6)
         assert torch.allclose(roots.root, reference.root, rtol=1e-6, atol=1e-8)
         assert torch.allclose(roots.inverse_root, reference.inverse_root, rtol=1e-5, atol=1e-6)
+
+
+def _eigen_sketch(dim: int, rank: int, values: list[float], trace: float, seed: int) -> LowRankFactor:
+    generator = torch.Generator().manual_seed(seed)
+    basis = torch.linalg.qr(torch.randn(dim, dim, generator=generator, dtype=torch.float64))[0][:, :rank]
+    return LowRankFactor(basis.float().contiguous(), torch.tensor(values, dtype=torch.float32), trace)
+
+
+def test_leading_eigenpairs_are_those_of_the_dense_factor():
+    factor = _eigen_sketch(300, 6, [9.0, 5.0, 4.0, 2.0, 1.5, 1.2], trace=40.0, seed=0)  # tail 17.3 / 294
+    values, vectors = factor.leading_eigenpairs(4)
+    expected_values, expected_vectors = top_eigenpairs(factor.dense(), 4)
+    torch.testing.assert_close(values, expected_values, rtol=1e-6, atol=0)
+    torch.testing.assert_close(vectors, expected_vectors, rtol=0, atol=1e-6)  # same sign convention
+    assert values.dtype == vectors.dtype == torch.float64
+
+
+def test_leading_eigenpairs_refuse_what_the_sketch_does_not_hold():
+    factor = _eigen_sketch(50, 4, [3.0, 2.0, 1.0, 0.5], trace=60.0, seed=1)  # tail 53.5 / 46 = 1.16
+    assert factor.leading_eigenpairs(5) is None  # more than k
+    assert factor.leading_eigenpairs(3) is None  # the tail (1.16) outranks lambda_3 = 1.0
+    assert factor.leading_eigenpairs(2) is not None
+
+
+def test_fisher_eig_on_sketched_statistics_forms_no_dense_sketch(monkeypatch: pytest.MonkeyPatch):
+    net, batches = model(), data()
+    small = collect(net, batches, sketch_threshold=1, sketch_rank=3)
+    config = fl.FisherConfig(method="fisher_eig", damping=1e-2)
+    weight = net.fc1.weight.detach()
+    expected = run_initializer("fisher_eig", weight, small["fc1"], 2, 2.0, config)
+
+    def refuse(*args: object, **kwargs: object) -> torch.Tensor:
+        raise AssertionError("a (d, d) matrix was formed from a sketch")
+    monkeypatch.setattr(LowRankFactor, "dense", refuse)
+    found = run_initializer("fisher_eig", weight, small["fc1"], 2, 2.0, config)
+    assert torch.equal(found.lora_a, expected.lora_a) and torch.equal(found.lora_b, expected.lora_b)
 
 
 @pytest.mark.parametrize("method", sorted(name for name, init in INITIALIZERS.items() if init.needs_statistics))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -141,9 +141,13 @@ class LayerGeometry:
             return self._shared(factor, "roots", lambda: factor.roots(self.damping, self.device))
         return self._shared(factor, "roots", lambda: symmetric_roots(self._on_device(factor), self.damping))
 
-    def _damped(self, factor: torch.Tensor | LowRankFactor, dense: torch.Tensor) -> torch.Tensor:
-        """`F + damping * mean(diag F) I` `(d, d)` float64 (`dense` is `F` as a dense tensor)."""
-        return self._shared(factor, "damped", lambda: damp(dense, self.damping, torch.float64)[0])
+    def _damped(self, factor: torch.Tensor | LowRankFactor, side: Literal["act", "grad"]) -> torch.Tensor:
+        """`F + damping * mean(diag F) I` `(d, d)` float64 for `side` "act" or "grad" (a dense factor as it
+        is; a sketched one formed from `stats`, which forms a sketched other side too)."""
+        def compute() -> torch.Tensor:
+            dense = self._on_device(factor) if isinstance(factor, torch.Tensor) else getattr(self.stats, f"{side}_cov")
+            return damp(dense, self.damping, torch.float64)[0]
+        return self._shared(factor, "damped", compute)
 
     def _whitening(self, factor: torch.Tensor | LowRankFactor, damped: Callable[[], torch.Tensor]) -> Whitening:
         """`damped` returns the damped factor, kept by this geometry (the Cholesky factor and the
@@ -157,12 +161,12 @@ class LayerGeometry:
     @cached_property
     def damped_act_cov(self) -> torch.Tensor:
         """The damped `A` `(d_in, d_in)` float64 (the Cholesky factor's input)."""
-        return self._damped(self.source.act_cov, self.stats.act_cov)
+        return self._damped(self.source.act_cov, "act")
 
     @cached_property
     def damped_grad_cov(self) -> torch.Tensor:
         """The damped `G` `(d_out, d_out)` float64 (the Cholesky factor's input)."""
-        return self._damped(self.source.grad_cov, self.stats.grad_cov)
+        return self._damped(self.source.grad_cov, "grad")
 
     @cached_property
     def act_roots(self) -> FactorRoots:
@@ -195,15 +199,25 @@ class LayerGeometry:
 
         Taken from the damped float64 copy that the captured energy reads anyway (the same
         eigenvectors, the values less the damping), so the factor is converted to float64 once
-        (a 1536-wide one: 19 MB, ~2 ms)."""
-        return self._shared(self.source.act_cov, f"top{count}", lambda: _less_damping(
-            top_eigenpairs(self.damped_act_cov, count), self.damping_added[0]))
+        (a 1536-wide one: 19 MB, ~2 ms). A sketched factor gives its own (`LowRankFactor.leading_eigenpairs`)."""
+        return self._shared(self.source.act_cov, f"top{count}", lambda: self._leading(
+            self.source.act_cov, count, lambda: self.damped_act_cov, self.damping_added[0]))
 
     def top_grad_eigenpairs(self, count: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The `count` leading eigenpairs of (undamped) `G`: values descending, vectors `(d_out, count)`
         (from the damped copy, see `top_act_eigenpairs`)."""
-        return self._shared(self.source.grad_cov, f"top{count}", lambda: _less_damping(
-            top_eigenpairs(self.damped_grad_cov, count), self.damping_added[1]))
+        return self._shared(self.source.grad_cov, f"top{count}", lambda: self._leading(
+            self.source.grad_cov, count, lambda: self.damped_grad_cov, self.damping_added[1]))
+
+    def _leading(self, factor: torch.Tensor | LowRankFactor, count: int, damped: Callable[[], torch.Tensor],
+                 amount: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """A sketch's own leading eigenpairs when it holds them (no `(d, d)` matrix formed), else those of
+        the damped dense copy less the damping `amount`."""
+        if isinstance(factor, LowRankFactor):
+            held = factor.leading_eigenpairs(count)
+            if held is not None:
+                return held if self.device is None else (held[0].to(self.device), held[1].to(self.device))
+        return _less_damping(top_eigenpairs(damped(), count), amount)
 
     def whitened_weight(self, weight: torch.Tensor) -> torch.Tensor:
         """`R_G^T W R_A` `(d_out, d_in)` float64: its singular values are those of `G^{1/2} W A^{1/2}`

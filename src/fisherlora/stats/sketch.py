@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from .linalg import FactorRoots
+from .top_r import signed_columns
 
 # Relative shift of the stabilized Nystrom reconstruction: Y is accumulated in float32, so its
 # rounding noise is ~1e-7 relative; the shift must exceed it for the Cholesky factor to exist.
@@ -86,6 +87,19 @@ class LowRankFactor:
     def dense(self, dtype: torch.dtype = torch.float64, device: torch.device | str | None = None) -> torch.Tensor:
         """The `(d, d)` matrix `U diag(lambda) U^T + tail (I - U U^T)`."""
         return _spectral_function(self, lambda values: values, dtype, device)
+
+    def leading_eigenpairs(self, count: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The `count` leading eigenpairs of the factor, read off the sketch: `lambda[:count]` `(count,)`
+        descending and `U[:, :count]` `(d, count)`, float64, each vector with its largest-magnitude
+        entry positive (`top_r`'s convention). None when the sketch does not hold them: `count > k`, or
+        the tail eigenvalue is not below `lambda[count - 1]` (then tail directions tie for the top).
+
+        These are the eigenpairs of `dense()` up to the float32 orthonormality of `U` (~1e-7), without
+        forming the `(d, d)` matrix or iterating on it."""
+        if count > self.rank or (self.rank < self.dim and not float(self.eigenvalues[count - 1]) > self.tail):
+            return None
+        vectors = signed_columns(self.eigenvectors[:, :count].double())
+        return self.eigenvalues[:count].double(), vectors
 
     def roots(self, damping: float, device: torch.device | str | None = None) -> FactorRoots:
         """Roots of the damped factor, like `linalg.symmetric_roots` on `dense()` but in `O(d^2 k)`.

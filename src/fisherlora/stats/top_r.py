@@ -115,7 +115,7 @@ def bottom_eigenpairs(matrix: torch.Tensor, count: int, upper: float) -> tuple[t
     if found is not None:
         return upper - found[0], found[1]
     values, vectors = torch.linalg.eigh(matrix)
-    return values[:count], _signed(vectors[:, :count])
+    return values[:count], signed_columns(vectors[:, :count])
 
 
 def _krylov(operator: SymmetricOperator, count: int) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -144,7 +144,7 @@ def _krylov(operator: SymmetricOperator, count: int) -> tuple[torch.Tensor, torc
                 values, vectors, residual = _rayleigh_ritz(basis, product, projected[:size, :size], count)
                 scale = max(float(values[0]), 1e-300)
                 if residual <= TOLERANCE * scale:
-                    return values[:count], _signed(basis @ vectors[:, :count])
+                    return values[:count], signed_columns(basis @ vectors[:, :count])
             if step == steps:
                 break
             new = bases[:, size:size + block]
@@ -189,10 +189,10 @@ def _orthogonal_block(basis: torch.Tensor, candidates: torch.Tensor) -> torch.Te
 def _full(matrix: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
     values, vectors = torch.linalg.eigh(matrix)
     order = torch.argsort(values, descending=True)[:count]
-    return values[order], _signed(vectors[:, order])
+    return values[order], signed_columns(vectors[:, order])
 
 
-def _signed(vectors: torch.Tensor) -> torch.Tensor:
+def signed_columns(vectors: torch.Tensor) -> torch.Tensor:
     """Each column with its largest-magnitude entry positive: a sign fixed by the matrix, not by the
     solver (an eigenvector's sign is otherwise arbitrary)."""
     largest = vectors.abs().argmax(dim=0)
