@@ -82,6 +82,7 @@ def test_malformed_values_are_usage_errors(argv: list[str], message: str, capsys
     (["bench-init", "--methods", "lora+source=gradient"], "'lora' takes no options"),
     (["bench", "--model", "m", "--data", "d.csv", "--methods", "lora,nope"], "'nope'"),
     (["bench", "--methods", "lora", "--tasks", "text,nope"], "['nope']"),
+    (["bench", "--methods", "lora", "--tasks", "lm"], "'lm' is in --preset lm"),
     (["bench-init", "--methods", "fisher_svd,nope"], "'nope'"),
 ])
 def test_unknown_names_exit_non_zero_with_the_known_names_before_any_work(
@@ -92,7 +93,24 @@ def test_unknown_names_exit_non_zero_with_the_known_names_before_any_work(
     assert named in error
     known = "'text'" if "--tasks" in argv else "lora, gaussian, pissa"
     assert known in error, error
+    assert error.count("fisher_step") <= 1, f"the known names are listed once: {error}"
     assert not no_work and not out.exists()
+
+
+def test_a_task_no_preset_runs_is_told_where_presets_are(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setitem(tasks.TASKS, "parity", tasks.TASKS["text"])  # registered, in no preset
+    with pytest.raises(ValueError, match=r"no preset runs 'parity'.*src/fisherlora/bench/presets\.py"):
+        presets.PRESETS["quick"].specs(tasks=["parity"])
+    with pytest.raises(ValueError, match=r"'nope' is not a registered task \(.*text.*\)"):
+        presets.PRESETS["quick"].specs(tasks=["nope"])
+
+
+def test_bench_init_takes_every_task_with_a_preset_of_its_name(monkeypatch: pytest.MonkeyPatch):
+    plan = presets.PRESETS["text"].tasks["text"]
+    monkeypatch.setitem(presets.PRESETS, "parity", presets.Preset("parity", "a new task", {"parity": plan}, [0]))
+    parser = build_parser()
+    for task in ("text", "lm", "vision", "parity"):
+        assert parser.parse_args(["bench-init", "--task", task]).task == task
 
 
 def test_bench_init_accepts_the_names_bench_accepts(tmp_path: Path, no_work: dict):

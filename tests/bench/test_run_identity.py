@@ -49,8 +49,12 @@ def test_every_new_config_field_is_identity_neutral(config_class: type):
         if item.name in original:
             continue
         declared = "neutral" in item.metadata or item.metadata.get("identity", True) is False
-        assert declared, (f"{config_class.__name__}.{item.name} is new: declare metadata neutral=<value that changes "
-                          "nothing> (or identity=False) so existing run ids stay valid")
+        name = config_class.__name__
+        assert declared, (
+            f"{name}.{item.name} is not among the fields ORIGINAL_FIELDS (tests/bench/test_run_identity.py) lists "
+            f"for {name}. If {name} belongs to a method you are adding, list the fields it is introduced with there "
+            "(no committed run id uses them yet); if you added the field to an existing class, declare metadata "
+            "neutral=<value that changes nothing> (or identity=False) so that committed run ids stay valid")
 
 
 def test_adding_a_field_with_its_neutral_value_keeps_the_run_id():

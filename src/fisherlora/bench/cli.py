@@ -28,7 +28,8 @@ def check_method_names(methods: Sequence[str]) -> None:
         try:
             effective_config(method)
         except ValueError as error:
-            raise ValueError(f"{error}; {known}") from None
+            reason = str(error).split("; choose one of")[0]  # the catalogue's own list, replaced by the fuller one
+            raise ValueError(f"{reason}; {known}") from None
 
 
 def add_bench_commands(commands: Any) -> None:
@@ -59,7 +60,8 @@ def add_bench_commands(commands: Any) -> None:
     bench.set_defaults(handler=command_bench)
 
     init_cost = commands.add_parser("bench-init", help="time each initialization on the same calibration batches")
-    init_cost.add_argument("--task", default="text", choices=["text", "lm", "vision"])
+    init_cost.add_argument("--task", default="text", choices=[name for name in PRESETS if name in PRESETS[name].tasks],
+                           help="a task with a preset of its own name (its sizes and options come from there)")
     add_list_argument(init_cost, "--methods", default=None,
                       help=f"methods to time: any name bench takes, or NAME{INIT_COST_SKETCH} (sketched per "
                            "--sketch-rank/--sketch-threshold)")

@@ -101,7 +101,8 @@ class Preset:
         chosen_tasks = tasks or list(self.tasks)
         unknown = [task for task in chosen_tasks if task not in self.tasks]
         if unknown:
-            raise ValueError(f"preset {self.name!r} has no task {unknown}; it has {list(self.tasks)}")
+            raise ValueError(f"preset {self.name!r} has no task {unknown}; it has {list(self.tasks)}. "
+                             + where_tasks_are(unknown))
         specs = []
         for task in chosen_tasks:
             plan = self.tasks[task]
@@ -205,6 +206,24 @@ def _long_presets() -> dict[str, Preset]:
 
 
 PRESETS.update(_long_presets())
+
+
+def where_tasks_are(tasks: list[str]) -> str:
+    """Which presets run each of `tasks`; for a registered task no preset runs, how to give it one; for
+    an unregistered name, the registered tasks."""
+    from .tasks import list_tasks
+
+    hints = []
+    for task in tasks:
+        having = [name for name, preset in PRESETS.items() if task in preset.tasks]
+        if having:
+            hints.append(f"{task!r} is in --preset {', '.join(having)}")
+        elif task in list_tasks():
+            hints.append(f"no preset runs {task!r}: give it a TaskPlan in a preset of src/fisherlora/bench/presets.py "
+                         "(docs/architecture.md, 'Recipe: add a benchmark task')")
+        else:
+            hints.append(f"{task!r} is not a registered task ({', '.join(list_tasks())})")
+    return "; ".join(hints)
 
 
 def get_preset(name: str) -> Preset:

@@ -16,7 +16,7 @@ from typing import Any
 
 from .baselines import parse_method
 from .formatting import fmt_lr
-from .presets import Preset
+from .presets import Preset, where_tasks_are
 from .roles import is_compared
 from .runner import RunSpec
 from .selection import LRSelection, Run, dedupe, select_lr, stage_of
@@ -112,7 +112,8 @@ def eval_specs(preset: Preset, runs: Sequence[Run], settings: EvalStage | None =
     specs: list[RunSpec] = []
     for task in tasks or list(preset.tasks):
         if task not in preset.tasks:
-            raise ValueError(f"preset {preset.name!r} has no task {task!r}; it has {list(preset.tasks)}")
+            raise ValueError(f"preset {preset.name!r} has no task {task!r}; it has {list(preset.tasks)}. "
+                             + where_tasks_are([task]))
         plan = preset.tasks[task]
         stage_one = _stage_one_runs(runs, preset.name, task)
         reused = sorted({int(run["seed"]) for group in stage_one.values() for run in group} & set(chosen_seeds))

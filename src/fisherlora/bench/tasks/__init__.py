@@ -5,7 +5,7 @@ A task family is one module that registers a builder with
 its ``config`` parameter) holds every size and knob, with CPU-friendly defaults.
 ``build_task("text", train_size=500)`` returns a :class:`Task`.
 
-Registered tasks (one module per family):
+Built-in tasks (one module per family; a module added here registers more, see docs/architecture.md):
 
 - ``text``   (:mod:`.text`)   -- MiniLM (all-MiniLM-L6-v2) sequence classification on Rotten Tomatoes.
 - ``csv``    (:mod:`.text`)   -- bring your own: a Hugging Face model folder + a CSV with text/label columns.
