@@ -11,7 +11,7 @@ import torch
 import fisherlora as fl
 from fisherlora.init.registry import INITIALIZERS, run_initializer
 from fisherlora.stats.collect import layer_groups
-from fisherlora.stats.linalg import symmetric_roots
+from fisherlora.stats.linalg import symmetric_roots, weight_gram
 from fisherlora.stats.sketch import LowRankFactor, NystromSketch, layer_statistics_bytes
 from fisherlora.stats.top_r import top_eigenpairs
 from models import TinyMLP, pair_batches
@@ -98,6 +98,35 @@ def test_leading_eigenpairs_refuse_what_the_sketch_does_not_hold():
     assert factor.leading_eigenpairs(5) is None  # more than k
     assert factor.leading_eigenpairs(3) is None  # the tail (1.16) outranks lambda_3 = 1.0
     assert factor.leading_eigenpairs(2) is not None
+
+
+@pytest.mark.parametrize("rank", [6, 300])  # a tail, and k = d (no tail)
+def test_low_rank_weight_gram_equals_the_dense_one(rank: int):
+    factor = _eigen_sketch(300, rank, list(torch.logspace(1, -2, rank).tolist()), trace=60.0, seed=3)
+    matrix = torch.randn(300, 40, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    expected = weight_gram(matrix, factor.dense(), 0.25, torch.float64)
+    torch.testing.assert_close(factor.weight_gram(matrix, 0.25, torch.float64), expected, rtol=1e-10, atol=1e-10)
+    found32 = factor.weight_gram(matrix, 0.25, torch.float32)
+    assert found32.dtype == torch.float64 and relative_error(found32, expected) < 1e-5
+
+
+@pytest.mark.parametrize("method", ["fisher_select", "fisher_svd"])
+def test_weight_gram_methods_on_a_sketched_wide_factor_form_no_dense_sketch(method: str,
+                                                                            monkeypatch: pytest.MonkeyPatch):
+    net, batches = model(), data()
+    weight = net.fc1.weight.detach()  # (10, 12): the input side is the wider one
+    only_wide = collect(net, batches, sketch_threshold=weight.shape[0], sketch_rank=5)
+    assert isinstance(only_wide["fc1"].act_cov, LowRankFactor) and not isinstance(only_wide["fc1"].grad_cov,
+                                                                                  LowRankFactor)
+    config = fl.FisherConfig(method=method, damping=1e-2)
+    expected = run_initializer(method, weight, only_wide["fc1"].dense(), 2, 2.0, config)
+
+    def refuse(*args: object, **kwargs: object) -> torch.Tensor:
+        raise AssertionError("a (d, d) matrix was formed from a sketch")
+    monkeypatch.setattr(LowRankFactor, "dense", refuse)
+    found = run_initializer(method, weight, only_wide["fc1"], 2, 2.0, config)
+    product = found.lora_b.double() @ found.lora_a.double()
+    assert relative_error(product, expected.lora_b.double() @ expected.lora_a.double()) < 1e-6
 
 
 def test_fisher_eig_on_sketched_statistics_forms_no_dense_sketch(monkeypatch: pytest.MonkeyPatch):

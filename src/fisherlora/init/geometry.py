@@ -228,18 +228,21 @@ class LayerGeometry:
     def weight_gram(self, weight: torch.Tensor) -> torch.Tensor:
         """The weight's Gram matrix on its narrower side in the metric of the wider side's damped factor,
         `W^T G W` `(d_in, d_in)` for `d_out >= d_in`, else `W A W^T` `(d_out, d_out)`, float64 (in float32
-        arithmetic for a large layer, `linalg.weight_gram`). Kept for the next call (one weight per
-        geometry)."""
+        arithmetic for a large layer, `linalg.weight_gram`; from a sketched factor's own eigenpairs,
+        `LowRankFactor.weight_gram`). Kept for the next call (one weight per geometry)."""
         if self._weight_gram is None:
             tall = weight.shape[0] >= weight.shape[1]
             matrix = weight if tall else weight.T
             dtype = gram_dtype(*matrix.shape)
-            if dtype == torch.float64:  # the damped float64 copy, which the captured energy reads anyway
-                factor, amount = (self.damped_grad_cov if tall else self.damped_act_cov), 0.0
+            wide = self.source.grad_cov if tall else self.source.act_cov
+            amount = self.damping_added[1 if tall else 0]
+            if isinstance(wide, LowRankFactor):  # from the sketch itself: no (d, d) matrix formed
+                self._weight_gram = wide.weight_gram(matrix, amount, dtype)
+            elif dtype == torch.float64:  # the damped float64 copy, which the captured energy reads anyway
+                self._weight_gram = weight_gram(matrix, self.damped_grad_cov if tall else self.damped_act_cov, 0.0,
+                                                dtype)
             else:
-                factor = self.stats.grad_cov if tall else self.stats.act_cov
-                amount = self.damping_added[1 if tall else 0]
-            self._weight_gram = weight_gram(matrix, factor, amount, dtype)
+                self._weight_gram = weight_gram(matrix, self._on_device(wide), amount, dtype)
         return self._weight_gram
 
     def weight_spectrum(self, weight: torch.Tensor, count: int) -> WeightSpectrum:

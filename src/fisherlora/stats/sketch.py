@@ -101,6 +101,21 @@ class LowRankFactor:
         vectors = signed_columns(self.eigenvectors[:, :count].double())
         return self.eigenvalues[:count].double(), vectors
 
+    def weight_gram(self, matrix: torch.Tensor, amount: float, dtype: torch.dtype) -> torch.Tensor:
+        """`M^T (F + amount I) M` `(n, n)` float64, symmetric, for `M` `(d, n)`, without forming `F`:
+        `F + delta I = U (lambda - tail) U^T + (tail + delta) I`, so it is `P^T diag(lambda - tail) P +
+        (tail + delta) M^T M` with `P = U^T M` `(k, n)`: `d n (k + n)` multiply-adds instead of the dense
+        `d n (d + n)` of `linalg.weight_gram` (the same matrix up to rounding). Products in `dtype`."""
+        matrix = matrix.to(dtype)
+        vectors = self.eigenvectors.to(device=matrix.device, dtype=dtype)
+        tail = self.tail
+        projected = vectors.T @ matrix
+        excess = self.eigenvalues.to(device=matrix.device, dtype=dtype) - tail
+        gram = (projected.T * excess) @ projected
+        gram.add_(matrix.T @ matrix, alpha=tail + amount)
+        gram = gram.double()
+        return 0.5 * (gram + gram.T)
+
     def roots(self, damping: float, device: torch.device | str | None = None) -> FactorRoots:
         """Roots of the damped factor, like `linalg.symmetric_roots` on `dense()` but in `O(d^2 k)`.
 
