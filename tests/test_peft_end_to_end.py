@@ -164,6 +164,41 @@ def test_statistics_of_another_model_are_refused(tmp_path: Path):
         assert torch.equal(value, before[name]), f"{name} changed although initialization failed"
 
 
+class Wide(torch.nn.Module):
+    """One layer as tall as SmolLM2's MLP (1536 x 64): large enough that bf16 rounding moved the old
+    position-weighted fingerprint beyond its tolerance (it grew with the row count)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        self.up, self.head = torch.nn.Linear(64, 1536), torch.nn.Linear(1536, 3)
+        with torch.no_grad():
+            self.up.weight.copy_(0.05 * torch.randn(1536, 64, generator=generator))
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.up(inputs)))
+
+
+@pytest.mark.parametrize(("collected_in", "initialized_in"), [(torch.bfloat16, torch.float32),
+                                                              (torch.float32, torch.bfloat16)])
+def test_statistics_of_the_same_checkpoint_in_another_dtype_are_accepted(collected_in: torch.dtype,
+                                                                         initialized_in: torch.dtype):
+    base = Wide()
+    generator = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(4, 64, generator=generator).to(collected_in),
+                torch.randint(0, 3, (4,), generator=generator)) for _ in range(2)]
+    stats = fl.collect_fisher(copy.deepcopy(base).to(collected_in), batches, config_for("fisher_eig"),
+                              target_modules=["up"])
+    model = get_peft_model(copy.deepcopy(base).to(initialized_in), LoraConfig(r=4, lora_alpha=8, target_modules=["up"]))
+    reports = fl.initialize_lora_fisher(model, stats, config_for("fisher_eig"))
+    assert [report.name for report in reports] == ["up"]
+
+
+def test_initializing_a_plain_model_says_to_wrap_it_with_peft():
+    with pytest.raises(TypeError, match=r"Wide has none: wrap it first, model = peft.get_peft_model"):
+        fl.initialize_lora_fisher(Wide(), None, config_for("fisher_eig"))
+
+
 def test_statistics_for_other_targets_are_refused():
     batches = text_batches()
     stats = fl.collect_fisher(tiny_bert(), batches, config_for("fisher_svd"), target_modules=["query"])

@@ -185,10 +185,12 @@ def check_statistics_match(stats: FisherStats, targets: list[TargetLayer]) -> No
                 f"statistics for module {target.name!r} were collected on a weight of shape "
                 f"{tuple(layer.weight_shape)}, the model's is {tuple(weight.shape)}: a different model"
             )
-        if layer.fingerprint and not fingerprints_match(layer.fingerprint, weight_fingerprint(weight)):
+        if layer.fingerprint and not fingerprints_match(layer.fingerprint, weight_fingerprint(weight),
+                                                        (layer.weight_shape[0], layer.weight_shape[1])):
             raise ValueError(
                 f"statistics for module {target.name!r} do not match the model's weight fingerprint: they were "
-                "collected on a different checkpoint, or this model was already initialized (its weight is a residual)"
+                "collected on a different checkpoint, or this model was already initialized (its weight is a "
+                "residual); a different dtype of the same checkpoint (bf16 vs fp32) is not the cause, it matches"
             )
 
 
@@ -201,7 +203,13 @@ def check_can_initialize(model: nn.Module, adapter_name: str = "default") -> lis
             named, whether or not statistics were collected in this process.
         ValueError: see `base_weight_guards.check_adapter_is_alone_and_at_zero`; also those of
             `find_target_layers`.
+        TypeError: a model without LoRA layers (a plain model: wrap it with `peft.get_peft_model`).
     """
+    lora_layer: Any = _lora_layer_class()
+    if not (is_peft_model(model) or any(isinstance(module, lora_layer) for module in model.modules())):
+        raise TypeError(f"initialization writes into a LoRA adapter, and this {type(model).__name__} has none: "
+                        "wrap it first, model = peft.get_peft_model(model, LoraConfig(target_modules=[...], ...)) "
+                        "(collect_fisher alone also takes a plain model with target_modules=[...])")
     targets = find_target_layers(model, adapter_name)
     for target in targets:
         check_materialized(target.name, target.weight_module, target.layer_type)

@@ -92,6 +92,26 @@ def test_empty_dataloader() -> None:
         fl.collect_fisher(TinyMLP(), empty(), config(), target_modules=["fc1"])
 
 
+def _collect_text(batches: list) -> None:
+    fl.collect_fisher(tiny_bert(), batches, config(), target_modules=["query"])
+
+
+def test_batches_not_collated_into_tensors_name_the_fix() -> None:
+    batches = text_batches(count=2, batch_size=2)
+    as_lists = [{key: value.tolist() for key, value in batch.items()} for batch in batches]
+    with pytest.raises(TypeError, match=r"batch values \['input_ids', .*\] are Python lists.*DataCollatorWithPadding"):
+        _collect_text(as_lists)
+    per_example = [[{key: value[row] for key, value in batch.items()} for row in range(2)] for batch in batches]
+    with pytest.raises(TypeError, match=r"list of 2 per-example mappings.*collate"):
+        _collect_text(per_example)
+    labels_as_list = [{**batch, "labels": batch["labels"].tolist()} for batch in batches]
+    with pytest.raises(TypeError, match=r"\['labels'\] are Python lists"):
+        _collect_text(labels_as_list)
+    pairs = [(inputs, labels.tolist()) for inputs, labels in pair_batches(count=2, batch_size=2)]
+    with pytest.raises(TypeError, match=r"labels as a tensor, got a list"):
+        fl.collect_fisher(TinyMLP(), pairs, config(), target_modules=["fc1"])
+
+
 def test_every_token_masked_by_attention(bert: nn.Module) -> None:
     batches = text_batches(count=2, batch_size=2)
     for batch in batches:

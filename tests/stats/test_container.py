@@ -135,19 +135,26 @@ def test_load_other_format_version(tmp_path: Path) -> None:
         fl.FisherStats.load(path)
 
 
-def test_weight_fingerprint() -> None:
+@pytest.mark.parametrize("shape", [(6, 5), (576, 576), (1536, 576), (192, 576), (576, 1536)])
+def test_weight_fingerprint(shape: tuple[int, int]) -> None:
+    # Real layer shapes (SmolLM2's q/k/v/o/gate/up/down): the tolerance must hold at every size.
     generator = torch.Generator().manual_seed(0)
-    weight = torch.randn(6, 5, generator=generator)
+    weight = torch.randn(*shape, generator=generator) * 0.05
     reference = weight_fingerprint(weight)
     assert len(reference) == 3
-    assert fingerprints_match(reference, weight_fingerprint(weight.clone()))
-    # dtype rounding of the same checkpoint still matches
-    assert fingerprints_match(reference, weight_fingerprint(weight.bfloat16()))
+    assert fingerprints_match(reference, weight_fingerprint(weight.clone()), shape)
+    # dtype rounding of the same checkpoint still matches, both ways
+    assert fingerprints_match(reference, weight_fingerprint(weight.bfloat16()), shape)
+    assert fingerprints_match(weight_fingerprint(weight.bfloat16()), reference, shape)
+    assert fingerprints_match(reference, weight_fingerprint(weight.half()), shape)
     # a different weight, a residual W - s B A, or a permutation of the rows does not
-    assert not fingerprints_match(reference, weight_fingerprint(torch.randn(6, 5, generator=generator)))
-    low_rank = 0.3 * torch.randn(6, 1, generator=generator) @ torch.randn(1, 5, generator=generator)
-    assert not fingerprints_match(reference, weight_fingerprint(weight - low_rank))
-    assert not fingerprints_match(reference, weight_fingerprint(weight.flip(0)))
+    assert not fingerprints_match(reference, weight_fingerprint(0.05 * torch.randn(*shape, generator=generator)), shape)
+    rank = min(8, min(shape) - 1)
+    left = torch.randn(shape[0], rank, generator=generator)
+    right = torch.randn(rank, shape[1], generator=generator)
+    low_rank = left @ right * (0.3 * float(weight.norm()) / float((left @ right).norm()))  # 30% of ||W||
+    assert not fingerprints_match(reference, weight_fingerprint(weight - low_rank), shape)
+    assert not fingerprints_match(reference, weight_fingerprint(weight.flip(0)), shape)
 
 
 def test_loaded_statistics_share_the_factors_their_layers_shared(tmp_path: Path,

@@ -20,19 +20,38 @@ LossFn = Callable[[torch.nn.Module, Batch], torch.Tensor]
 SampleFn = Callable[[torch.nn.Module, Batch, torch.Generator], Batch]
 
 
+COLLATE_HINT = ("collate the examples into one batch of tensors (e.g. DataLoader(..., collate_fn="
+                "transformers.DataCollatorWithPadding(tokenizer)), or tokenizer(..., return_tensors='pt'))")
+
+
 def split_batch(batch: Batch) -> tuple[Callable[[torch.nn.Module], Any], torch.Tensor | None, torch.Tensor | None]:
     """Return `(forward, labels, attention_mask)` for a batch.
 
     A mapping is called as `model(**inputs)` without its `labels` (we compute the loss ourselves,
     sum-reduced); a `(inputs, labels)` pair is called as `model(inputs)`.
+
+    Raises:
+        TypeError: a batch of another form, naming it: a list of per-example dicts or a mapping whose
+            values are Python lists (not collated into tensors), a pair whose labels are not a tensor.
     """
     if isinstance(batch, Mapping):
+        lists = [key for key, value in batch.items() if isinstance(value, list)]
+        if lists:
+            raise TypeError(f"batch values {lists} are Python lists, not tensors: {COLLATE_HINT}")
         inputs = {key: value for key, value in batch.items() if key != "labels"}
         labels = batch.get("labels")
         attention_mask = batch.get("attention_mask")
+        for name, value in (("labels", labels), ("attention_mask", attention_mask)):
+            if value is not None and not isinstance(value, torch.Tensor):
+                raise TypeError(f"batch[{name!r}] is a {type(value).__name__}, not a tensor: {COLLATE_HINT}")
         return (lambda model: model(**inputs)), labels, attention_mask
+    if isinstance(batch, (tuple, list)) and batch and all(isinstance(item, Mapping) for item in batch):
+        raise TypeError(f"a batch is a {type(batch).__name__} of {len(batch)} per-example mappings: {COLLATE_HINT}")
     if isinstance(batch, (tuple, list)) and len(batch) == 2:
         inputs, labels = batch
+        if labels is not None and not isinstance(labels, torch.Tensor):
+            raise TypeError(f"an (inputs, labels) batch needs labels as a tensor, got a {type(labels).__name__}: "
+                            f"{COLLATE_HINT}")
         return (lambda model: model(inputs)), labels, None
     raise TypeError(
         f"a batch must be a mapping for model(**batch) or an (inputs, labels) pair, got {type(batch).__name__}; "
