@@ -69,6 +69,12 @@ def is_peft_model(model: nn.Module) -> bool:
     return isinstance(unwrap_compiled(model), PeftModel)
 
 
+def has_lora_layers(model: nn.Module) -> bool:
+    """Whether `model` is a PEFT model or holds PEFT LoRA layers (else a plain model)."""
+    lora_layer: Any = _lora_layer_class()
+    return is_peft_model(model) or any(isinstance(module, lora_layer) for module in model.modules())
+
+
 def find_target_layers(
     model: nn.Module, adapter_name: str = "default", target_modules: Iterable[str] | str | None = None
 ) -> list[TargetLayer]:
@@ -84,7 +90,7 @@ def find_target_layers(
     """
     lora_layer: Any = _lora_layer_class()
     targets: list[TargetLayer] = []
-    if is_peft_model(model) or any(isinstance(module, lora_layer) for module in model.modules()):
+    if has_lora_layers(model):
         if target_modules is not None:
             raise ValueError("target_modules is only for plain models; a PEFT model's LoraConfig already names them")
         for name, module in model.named_modules():
@@ -205,8 +211,7 @@ def check_can_initialize(model: nn.Module, adapter_name: str = "default") -> lis
             `find_target_layers`.
         TypeError: a model without LoRA layers (a plain model: wrap it with `peft.get_peft_model`).
     """
-    lora_layer: Any = _lora_layer_class()
-    if not (is_peft_model(model) or any(isinstance(module, lora_layer) for module in model.modules())):
+    if not has_lora_layers(model):
         raise TypeError(f"initialization writes into a LoRA adapter, and this {type(model).__name__} has none: "
                         "wrap it first, model = peft.get_peft_model(model, LoraConfig(target_modules=[...], ...)) "
                         "(collect_fisher alone also takes a plain model with target_modules=[...])")
