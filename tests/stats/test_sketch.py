@@ -11,8 +11,15 @@ import torch
 import fisherlora as fl
 from fisherlora.init.registry import INITIALIZERS, run_initializer
 from fisherlora.stats.collect import layer_groups
-from fisherlora.stats.linalg import symmetric_roots, weight_gram
-from fisherlora.stats.sketch import LowRankFactor, NystromSketch, layer_statistics_bytes
+from fisherlora.stats.linalg import (
+    FactorRoots,
+    Whitening,
+    cholesky_whitening,
+    inverse_whitened_triplets,
+    symmetric_roots,
+    weight_gram,
+)
+from fisherlora.stats.sketch import LowRankFactor, NystromSketch, _spectral_function, layer_statistics_bytes
 from fisherlora.stats.top_r import top_eigenpairs
 from models import TinyMLP, pair_batches
 
@@ -76,6 +83,36 @@ def test_low_rank_roots_match_dense_roots():
         assert roots.damping_added == pytest.approx(reference.damping_added, rel=1e-6)
         assert torch.allclose(roots.root, reference.root, rtol=1e-6, atol=1e-8)
         assert torch.allclose(roots.inverse_root, reference.inverse_root, rtol=1e-5, atol=1e-6)
+
+
+def test_low_rank_roots_apply_like_their_dense_matrices():
+    """`LowRankRoots` never forms `(d, d)`: applied to columns, in float64 and float32, it equals the
+    dense spectral function of the same eigenpairs (with and without a tail), and a `Whitening` on it
+    gives the same natural-gradient triplets as one on the dense roots."""
+    generator = torch.Generator().manual_seed(3)
+    rows = torch.randn(60, 12, generator=generator) * torch.logspace(0, -3, 12)
+    columns = torch.randn(12, 5, generator=generator, dtype=torch.float64)
+    grad_mean = torch.randn(7, 12, generator=generator, dtype=torch.float64)
+    output = cholesky_whitening(torch.eye(7, dtype=torch.float64) + 0.1, 1e-3)
+    for k in (4, 12):
+        sketch = NystromSketch(12, k, seed=2, device="cpu")
+        sketch.add(rows)
+        factor = sketch.finalize(60)
+        roots = factor.roots(1e-3)
+        values = factor.eigenvalues.double() + roots.damping_added
+        tail = factor.tail + roots.damping_added
+        for power, apply in ((0.5, roots.root_times), (-0.5, roots.inverse_root_times)):
+            dense = _spectral_function(factor, lambda v, power=power: v.pow(power), torch.float64, None,
+                                       eigenvalues=values, tail=tail)
+            assert torch.allclose(apply(columns), dense @ columns, rtol=1e-10, atol=1e-12)
+            single = apply(columns, torch.float32)
+            assert single.dtype == torch.float32
+            assert torch.allclose(single.double(), dense @ columns, rtol=1e-4, atol=1e-5)
+        dense_roots = FactorRoots(root=roots.root, inverse_root=roots.inverse_root, damping_added=roots.damping_added)
+        low_rank = inverse_whitened_triplets(grad_mean, output, Whitening(None, roots, roots.damping_added), 3)
+        reference = inverse_whitened_triplets(grad_mean, output, Whitening(None, dense_roots, roots.damping_added), 3)
+        for ours, theirs in zip(low_rank, reference, strict=True):
+            assert torch.allclose(ours, theirs, rtol=1e-8, atol=1e-10)
 
 
 def _eigen_sketch(dim: int, rank: int, values: list[float], trace: float, seed: int) -> LowRankFactor:

@@ -11,7 +11,7 @@ import torch
 
 from ..stats.container import DenseLayerStats, LayerStats
 from ..stats.linalg import (
-    FactorRoots,
+    SymmetricRoots,
     Whitening,
     cholesky_whitening,
     damp,
@@ -97,7 +97,7 @@ class LayerGeometry:
     Dense or sketched (`LowRankFactor`) statistics: initializers see `stats` with dense factors,
     formed only when they ask for them, one layer at a time. Each factor's square root is its
     Cholesky factor when dense (`linalg.Whitening`), its symmetric root when sketched
-    (`U f(lambda + delta) U^T + f(tail + delta) (I - U U^T)`, no `d x d` eigendecomposition).
+    (`U f(lambda + delta) U^T + f(tail + delta) (I - U U^T)`, kept in low-rank form: no `d x d` matrix).
 
     A geometry serves one layer and its weight `W`: `weight_spectrum` keeps what it computed for
     the weight it was first given.
@@ -136,7 +136,7 @@ class LayerGeometry:
     def _on_device(self, factor: torch.Tensor) -> torch.Tensor:
         return factor if self.device is None else factor.to(self.device)
 
-    def _roots(self, factor: torch.Tensor | LowRankFactor) -> FactorRoots:
+    def _roots(self, factor: torch.Tensor | LowRankFactor) -> SymmetricRoots:
         if isinstance(factor, LowRankFactor):
             return self._shared(factor, "roots", lambda: factor.roots(self.damping, self.device))
         return self._shared(factor, "roots", lambda: symmetric_roots(self._on_device(factor), self.damping))
@@ -169,13 +169,13 @@ class LayerGeometry:
         return self._damped(self.source.grad_cov, "grad")
 
     @cached_property
-    def act_roots(self) -> FactorRoots:
+    def act_roots(self) -> SymmetricRoots:
         """Symmetric roots of the damped `A`, `(d_in, d_in)` float64 (a full eigendecomposition: the
         initializers here use `act_whitening`)."""
         return self._roots(self.source.act_cov)
 
     @cached_property
-    def grad_roots(self) -> FactorRoots:
+    def grad_roots(self) -> SymmetricRoots:
         """Symmetric roots of the damped `G`, `(d_out, d_out)` float64 (see `act_roots`)."""
         return self._roots(self.source.grad_cov)
 
