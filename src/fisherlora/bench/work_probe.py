@@ -7,6 +7,11 @@ weight gradient), but nothing is accumulated: each call of a targeted layer is c
 with a loss term, rows with a nonzero output gradient) and the identity of its input tensor is
 recorded. Layers read one input tensor when their calls' inputs are the same tensor objects, in the
 same order, in every batch, as `stats/shared_inputs.py` decides (convolutions never share).
+
+For the true Fisher the count assumes each label draw drops the rows the empirical pass drops. A row
+that is zero in exact arithmetic but not always in floating point (a query's gradient at a sequence's
+first position, which attends to itself alone) can come out zero in one pass and ~1e-8 in another, so
+the count can differ by such rows: a few per batch, a small fraction of the total.
 """
 
 from __future__ import annotations
