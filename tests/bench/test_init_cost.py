@@ -174,3 +174,13 @@ def test_bench_init_refuses_a_missing_readme_section_before_any_work(tmp_path: P
     readme.write_text("no markers\n")
     assert main(["bench-init", "--out", str(tmp_path / "costs"), "--readme", str(readme)]) == 2
     assert main(["bench-init", "--targets", "all-linear,query"]) == 2
+
+
+def test_work_legend_gives_the_untargeted_forward_its_unit():
+    """A small untargeted forward (a classifier head, per token) printed as a bare '18' read as a count of
+    layers; both sizes carry the unit."""
+    from fisherlora.bench.init_cost import _work_legend
+
+    for value, shown in ((18.0, "18 multiply-adds per token"), (28.3e6, "28.3 M multiply-adds per token")):
+        legend = _work_legend({"forward": 1.06e7, "untargeted_forward": value})
+        assert f"(their forward: {shown})" in legend

@@ -352,7 +352,7 @@ def _multiply_adds(value: float) -> str:
 
 def _work_legend(work: dict[str, Any]) -> str:
     untargeted = work.get("untargeted_forward")
-    rest = "" if untargeted is None else f" (forward {_multiply_adds(untargeted)})"
+    rest = "" if untargeted is None else f" (their forward: {_multiply_adds(untargeted)} multiply-adds per token)"
     return (f"arith.: multiply-adds per token in the targeted layers' products (forward F = "
             f"{_multiply_adds(work['forward'])}, floor 2F, LoRA-GA 3F, ours 2F + the K-FAC factor sums [+ the "
             f"mean gradient's weight gradient]) over LoRA-GA's and the floor's. Not counted: attention, "
