@@ -301,3 +301,11 @@ def test_sketch_config_is_validated():
         fl.FisherConfig(layer_groups=0)
     with pytest.raises(ValueError, match="sketch_threshold"):
         fl.FisherConfig(sketch_threshold=0)
+
+
+@pytest.mark.parametrize("count", [0, -1])
+def test_leading_eigenpairs_refuses_a_count_below_one(count: int):
+    """`count = 0` read `lambda[-1]`, the smallest held eigenvalue, and returned empty pairs or None by chance."""
+    factor = LowRankFactor(torch.eye(6, 3), torch.tensor([3.0, 2.0, 1.0]), trace=7.0)
+    with pytest.raises(ValueError, match="count >= 1"):
+        factor.leading_eigenpairs(count)

@@ -94,7 +94,13 @@ class LowRankFactor:
         the tail eigenvalue is not below `lambda[count - 1]` (then tail directions tie for the top).
 
         These are the eigenpairs of `dense()` up to the float32 orthonormality of `U` (~1e-7), without
-        forming the `(d, d)` matrix or iterating on it."""
+        forming the `(d, d)` matrix or iterating on it.
+
+        Raises:
+            ValueError: `count < 1`.
+        """
+        if count < 1:
+            raise ValueError(f"leading_eigenpairs needs count >= 1, got {count}")
         if count > self.rank or (self.rank < self.dim and not float(self.eigenvalues[count - 1]) > self.tail):
             return None
         vectors = signed_columns(self.eigenvectors[:, :count].double())
