@@ -5,6 +5,7 @@ so comparisons are against the anchors themselves, not re-implementations.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -138,6 +139,9 @@ def build_corda(base: nn.Module, spec: AdapterSpec, calibration: Sequence[Any], 
     return get_peft_model(base, lora_config)
 
 
+_OUTPUTS_ONLY_HOOK = "Full backward hook is firing when gradients are computed with respect to module outputs"
+
+
 @register_method("lora_ga", "peft", "PEFT LoRA-GA: SVD of the accumulated weight gradient (preprocess_loraga)",
                  uses_data=True, linear_only=True)
 def build_lora_ga(base: nn.Module, spec: AdapterSpec, calibration: Sequence[Any], config: FisherConfig) -> nn.Module:
@@ -152,7 +156,10 @@ def build_lora_ga(base: nn.Module, spec: AdapterSpec, calibration: Sequence[Any]
         for batch in batches:
             with phase("forward"):
                 loss = base(**batch).loss
-            with phase("backward"):
+            with phase("backward"), warnings.catch_warnings():
+                # PEFT's LoRA-GA hooks read each target's weight gradient; with a frozen embedding the first
+                # target's input needs no gradient, and torch warns that its full backward hook sees outputs only.
+                warnings.filterwarnings("ignore", message=_OUTPUTS_ONLY_HOOK, category=UserWarning)
                 loss.backward()
 
     was_training = base.training

@@ -46,6 +46,13 @@ def test_every_method_keeps_the_base_function(method: str):
     assert any("lora_A" in name for name in trainable) and any("classifier" in name for name in trainable)
 
 
+def test_lora_ga_builds_without_the_outputs_only_hook_warning(recwarn: pytest.WarningsRecorder):
+    """PEFT's LoRA-GA hooks made torch warn once per calibration batch that a full backward hook saw
+    outputs only (a frozen embedding feeds the first target), noise in every benchmark log."""
+    build_model("lora_ga", tiny_bert(), SPEC, text_batches(), FisherConfig(progress=False))
+    assert not [w for w in recwarn if "Full backward hook" in str(w.message)]
+
+
 def test_method_names_are_checked():
     assert split_method("fisher_grad@true") == ("fisher_grad", "true")
     assert split_method("fisher_svd+sketch64@true") == ("fisher_svd", "true")
