@@ -162,6 +162,18 @@ def test_eval_specs_refuse_naming_every_method_without_a_bracketed_lr() -> None:
         eval_specs(_preset(["lora", "fisher_select"]), runs + evaluation)
 
 
+def test_edge_of_the_lrs_run_on_every_seed_names_the_unfinished_extension() -> None:
+    """A grid extension run on one seed so far: the best LR is at the edge of the LRs every seed has, not
+    of the whole grid; the message said "edge of its grid (1e-5, 1e-4, ...)" with 1e-4 not an edge there."""
+    runs = _tune("lora", {1e-4: 0.8, 1e-3: 0.7, 1e-2: 0.6}) + _tune("lora", {1e-5: 0.5}, seeds=range(1))
+    with pytest.raises(ValueError) as raised:
+        eval_specs(_preset(["lora"]), runs)
+    assert ("lora: best LR 1e-4 sits at an edge of the LRs run on every seed (1e-5, 1e-4, 1e-3, 1e-2 without 1e-5, "
+            "tried on fewer seeds): finish 1e-5 on every stage-1 seed") in str(raised.value)
+    finished = runs + _tune("lora", {1e-5: 0.5}, seeds=range(1, 2))
+    assert {spec.lr for spec in eval_specs(_preset(["lora"]), finished)} == {1e-4}
+
+
 def test_eval_specs_take_each_option_variant_at_its_own_stage_one_lr() -> None:
     variant = "fisher_zero+source=gradient"
     runs = (_tune("lora", BRACKETED) + _tune("fisher_zero", BRACKETED)

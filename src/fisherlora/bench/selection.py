@@ -95,6 +95,8 @@ class LRSelection:
     at_edge: bool
     grid: tuple[float, ...]
     val_mean_by_lr: dict[float, float]
+    partial: tuple[float, ...] = ()
+    """LRs of the grid tried on fewer seeds than the best-covered one: not choosable, not edges."""
 
     @property
     def swept(self) -> bool:
@@ -139,4 +141,5 @@ def select_lr(runs: Sequence[Run]) -> LRSelection:
         raise ValueError(f"no successful run of {method!r} to select a learning rate from")
     best = max(choosable, key=lambda lr: (val_mean_by_lr[lr], -lr))
     at_edge = len(eligible) >= 2 and best in (eligible[0], eligible[-1])
-    return LRSelection(lr=best, at_edge=at_edge, grid=grid, val_mean_by_lr=val_mean_by_lr)
+    partial = tuple(lr for lr in grid if lr not in eligible)
+    return LRSelection(lr=best, at_edge=at_edge, grid=grid, val_mean_by_lr=val_mean_by_lr, partial=partial)

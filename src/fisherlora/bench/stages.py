@@ -68,6 +68,10 @@ def _selection(method: str, runs: Sequence[Run]) -> tuple[LRSelection | None, st
     if not chosen.swept:
         return chosen, f"tried at one LR only ({grid}): no grid to choose from"
     if chosen.at_edge:
+        if chosen.partial:  # the edge of the LRs run on every seed; the rest of the grid is still running
+            missing = ", ".join(fmt_lr(lr) for lr in chosen.partial)
+            return chosen, (f"best LR {fmt_lr(chosen.lr)} sits at an edge of the LRs run on every seed ({grid} "
+                            f"without {missing}, tried on fewer seeds): finish {missing} on every stage-1 seed")
         return chosen, f"best LR {fmt_lr(chosen.lr)} sits at an edge of its grid ({grid}): extend the grid in stage 1"
     return chosen, None
 
