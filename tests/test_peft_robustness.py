@@ -236,3 +236,22 @@ def test_compiled_model_statistics_names_and_conversion(tmp_path: Path):
         loaded = PeftModel.from_pretrained(fresh.eval(), str(out)).eval()
         with torch.no_grad():
             assert (loaded(batches[1][0]) - trained).abs().max() <= 1e-5, label
+
+
+# --- progress ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("progress", [True, False])
+def test_progress_in_a_log_is_one_line_for_the_factors(progress: bool, capsys: pytest.CaptureFixture[str]):
+    """Factorizing every layer of a large model takes minutes with nothing shown; in a log (stderr not a
+    terminal) it is one line with the layer count and seconds, and nothing when progress is off."""
+    torch.manual_seed(0)
+    model = get_peft_model(TinyMLP(d_in=5, hidden=6, classes=5),
+                           LoraConfig(r=2, lora_alpha=4, target_modules=["fc1", "fc2"]))
+    config = fl.FisherConfig(method="fisher_svd", progress=progress)
+    fl.initialize_lora_fisher(model, pair_batches(d_in=5, classes=5), config)
+    lines = [line for line in capsys.readouterr().err.splitlines() if ": factors of" in line]
+    if progress:
+        assert len(lines) == 1 and lines[0].startswith("fisher_svd: factors of 2 layers, ") and lines[0].endswith(" s")
+    else:
+        assert lines == []

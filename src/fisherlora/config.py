@@ -132,8 +132,8 @@ class CollectionConfig:
             loss units (labels != -100 after the causal shift for 2-D labels, else examples), and
             is multiplied back so statistics do not depend on the batch size.
         seed: seed of the label sampling of the true Fisher.
-        progress: show a progress bar while collecting (on a terminal; when stderr is not one,
-            e.g. a log file, one line per pass instead).
+        progress: show a progress bar while collecting and while computing the layers' factors (on a
+            terminal; when stderr is not one, e.g. a log file, one line per pass and one for the factors).
         sketch_threshold: a Kronecker factor whose dimension (`d_in` for `A`, `d_out` for `G`)
             exceeds it is kept as a low-rank Nystrom sketch (`stats.sketch.LowRankFactor`, `d * k`
             floats) instead of a dense `d x d` matrix; `None` keeps every factor dense.

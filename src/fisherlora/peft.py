@@ -3,9 +3,10 @@ re-created ranks: `peft_ranks.py`)."""
 
 from __future__ import annotations
 
+import time
 import warnings
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +25,7 @@ from .phases import phase
 from .stats.collect import TargetLayer
 from .stats.container import FisherStats, fingerprints_match, weight_fingerprint
 from .stats.layers import check_materialized, layer_type_of, module_weight, weight_matrix
+from .terminal import log_line, progress_bars_wanted
 from .writes import all_or_nothing
 
 PEFT_PREFIX = "base_model.model."
@@ -251,7 +253,8 @@ def write_adapters(
     planned = []
     # A factor shared by layers (the A of query/key/value) is factorized once, and dropped after its last layer.
     cache = FactorCache([stats.layers[target.name] for target in targets]) if stats is not None else None
-    for target in targets:
+    start = time.perf_counter()
+    for target in _layer_progress(targets, config.progress, config.method):
         layer: Any = target.hook_module
         rank = ranks.get(target.name, int(layer.r[adapter_name]))
         scaling = float(layer.scaling[adapter_name])
@@ -272,6 +275,8 @@ def write_adapters(
         if cache is not None and stats is not None:
             cache.done(stats.layers[target.name])
         planned.append((target, rank, factors))
+    if config.progress and not progress_bars_wanted(True):
+        log_line(f"{config.method}: factors of {len(targets)} layers, {time.perf_counter() - start:.1f} s")
     tied = {name: [base_name(other) for other in others]
             for name, others in shared_weight_names(model, targets).items()}
     peft_config = _as_any(unwrap_compiled(model)).peft_config[adapter_name]
@@ -310,6 +315,16 @@ def write_adapters(
                                    for target, layer in zip(targets, layers, strict=True)})
     _INITIAL_STATES.setdefault(unwrap_compiled(model), {})[adapter_name] = initial
     return reports
+
+
+def _layer_progress(targets: list[TargetLayer], show: bool, method: str) -> Iterator[TargetLayer]:
+    """`targets`, with a bar naming each layer while its factors are computed (on a terminal, when asked)."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(targets, desc=method, unit="layer", disable=not progress_bars_wanted(show))
+    for target in bar:
+        bar.set_postfix_str(target.name, refresh=False)
+        yield target
 
 
 def _initial_factors(model: nn.Module, adapter_name: str) -> InitialFactors:
