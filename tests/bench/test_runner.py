@@ -211,3 +211,59 @@ def test_the_declared_task_type_decides_causal_lm(task_type: TaskType, metric_na
     record = execute(specs(["eva"], [1e-3])[0], task, show_progress=False)
     assert "stop after the adapter spec" in record["error"] and seen == [causal_lm]
 
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def test_run_claims_hold_against_live_processes_and_pass_from_dead_ones(tmp_path: Path):
+    import os
+    import socket
+
+    from fisherlora.bench.results import RunClaims
+
+    host = socket.gethostname()
+    ours, other = RunClaims(tmp_path), RunClaims(tmp_path)
+    other.owner = f"{host} {os.getppid()}"  # another live process
+    assert other.claim("run-a") and not ours.claim("run-a")
+    ours.release("run-a")  # not ours to release
+    assert not ours.claim("run-a")
+    other.release("run-a")
+    assert ours.claim("run-a")
+    other.owner = f"{host} {_dead_pid()}"  # crashed while running run-b
+    assert other.claim("run-b") and ours.claim("run-b"), "a dead process's claim is taken over"
+    other.owner = f"elsewhere.example {os.getpid()}"  # no way to tell whether it lives: respected
+    assert other.claim("run-c") and not ours.claim("run-c")
+
+
+def test_processes_sharing_a_folder_split_the_runs_and_leave_no_claim(tmp_path: Path):
+    import os
+    import socket
+
+    from fisherlora.bench.results import RunClaims
+
+    results = ResultsFile(tmp_path)
+    plan = specs(["lora", "pissa", "olora"], [1e-3])
+    other = RunClaims(tmp_path)
+    other.owner = f"{socket.gethostname()} {os.getppid()}"
+
+    class OtherProcessTakesPissa(CountingFactory):
+        def __call__(self, spec: RunSpec) -> Task:
+            if spec.method == "lora":  # while this process runs lora, another one starts pissa
+                assert other.claim(plan[1].run_id())
+            return super().__call__(spec)
+
+    factory = OtherProcessTakesPissa()
+    written = run_all(plan, results, factory, show_progress=False)
+    assert [record["method"] for record in written] == ["lora", "olora"] and factory.calls == 2
+    other.release(plan[1].run_id())
+    assert not list((tmp_path / "runs.jsonl.claims").iterdir()), "every claim released"
+    with pytest.raises(KeyboardInterrupt):  # an interrupted run releases its claim too
+        run_all(specs(["lora"], [1e-2]), results, CountingFactory(fail_after=0), show_progress=False)
+    assert not list((tmp_path / "runs.jsonl.claims").iterdir())

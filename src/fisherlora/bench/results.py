@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
+import hashlib
 import json
 import math
 import os
+import socket
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -78,3 +81,68 @@ class ResultsFile:
             existing += "\n"
         line = json.dumps(clean_for_json(record), sort_keys=True)
         atomic_write_text(self.path, existing + line + "\n")
+
+
+CLAIMS_FOLDER = "runs.jsonl.claims"
+
+
+class RunClaims:
+    """The runs that processes sharing a results folder are executing now, so that several processes
+    started on the same preset split its runs instead of repeating them: one file per run in
+    `OUT/runs.jsonl.claims/`, created exclusively (`O_EXCL`) and holding the claiming process's host
+    and pid, removed when its record is written.
+
+    A claim whose process is gone (same host, pid no longer running: a crash, a kill) is taken
+    over, so an interrupted run is redone on resume. A claim from another host is always respected:
+    after a crash there, delete `runs.jsonl.claims/`.
+    """
+
+    def __init__(self, directory: str | os.PathLike[str]) -> None:
+        self.folder = Path(directory) / CLAIMS_FOLDER
+        self.owner = f"{socket.gethostname()} {os.getpid()}"
+
+    def _path(self, run_id: str) -> Path:
+        return self.folder / hashlib.sha1(run_id.encode()).hexdigest()
+
+    def claim(self, run_id: str) -> bool:
+        """Claim `run_id` for this process: False when a live process holds it."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self._path(run_id)
+        for _ in range(2):
+            try:
+                descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                if _holder_alive(path):
+                    return False
+                path.unlink(missing_ok=True)  # a dead process's claim
+                continue
+            with os.fdopen(descriptor, "w") as file:
+                file.write(f"{self.owner}\n{run_id}\n")
+            return True
+        return False
+
+    def release(self, run_id: str) -> None:
+        """Remove this process's claim of `run_id` (a claim of another process is left alone)."""
+        path = self._path(run_id)
+        try:
+            if path.read_text().split("\n", 1)[0] == self.owner:
+                path.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def _holder_alive(path: Path) -> bool:
+    """Whether the process named in the claim file `path` still runs (True for another host's)."""
+    try:
+        host, pid = path.read_text().split("\n", 1)[0].rsplit(" ", 1)
+    except (FileNotFoundError, ValueError):
+        return False  # gone meanwhile, or cut off while being written
+    if host != socket.gethostname():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except OSError as error:  # EPERM: alive, another user's
+        return error.errno == errno.EPERM
+    return True

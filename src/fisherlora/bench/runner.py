@@ -26,7 +26,7 @@ from .baselines import AdapterSpec, build_model, fisher_statistics_mb, method_id
 from .cost import measure
 from .predictions import PredictionRecorder
 from .provenance import git_state, machine, versions
-from .results import ResultsFile
+from .results import ResultsFile, RunClaims
 from .selection import Stage
 
 if TYPE_CHECKING:
@@ -333,7 +333,9 @@ def execute(spec: RunSpec, task: Task, show_progress: bool = True) -> dict[str, 
 
 def run_all(specs: Sequence[RunSpec], results: ResultsFile, task_factory: Callable[[RunSpec], Any],
             show_progress: bool = True) -> list[dict[str, Any]]:
-    """Execute every spec not yet in `results`, appending each record as soon as it is done.
+    """Execute every spec not yet in `results`, appending each record as soon as it is done. Several
+    processes started on the same specs and folder split them: each skips a run another one has
+    claimed (`results.RunClaims`), so they finish together instead of repeating runs.
 
     Under a distributed launch every rank runs every pending spec (training is data-parallel, see
     `train`); the list of finished runs is rank 0's, only rank 0 writes records (with `world_size`
@@ -345,6 +347,7 @@ def run_all(specs: Sequence[RunSpec], results: ResultsFile, task_factory: Callab
     from tqdm.auto import tqdm
 
     rank, world = process_rank()
+    claims = RunClaims(results.directory)
     done = results.done_ids() if rank == 0 else set()
     if world > 1:
         import torch.distributed as distributed
@@ -361,11 +364,21 @@ def run_all(specs: Sequence[RunSpec], results: ResultsFile, task_factory: Callab
                 # Another process sharing the results folder finished it meanwhile.
                 bar.update(1)
                 continue
-            record = execute(spec, task_factory(spec), show_progress and rank == 0)
-            if world > 1:
-                record["world_size"] = world
-            if rank == 0:
-                results.append(record)
+            if world == 1 and not claims.claim(spec.run_id()):
+                continue  # another process sharing the results folder is running it now
+            if world == 1 and spec.run_id() in results.done_ids():  # finished between the check and the claim
+                claims.release(spec.run_id())
+                bar.update(1)
+                continue
+            try:
+                record = execute(spec, task_factory(spec), show_progress and rank == 0)
+                if world > 1:
+                    record["world_size"] = world
+                if rank == 0:
+                    results.append(record)
+            finally:  # after the record is written: no moment where the run is neither claimed nor done
+                if world == 1:
+                    claims.release(spec.run_id())
             written.append(record)
             bar.update(1)
             status = record.get("error") or (f"val={record['val_metric']:.4f} test={record['test_metric']:.4f} "
