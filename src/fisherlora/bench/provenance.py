@@ -62,4 +62,7 @@ def machine() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        # The instruction set torch's CPU kernels dispatch to (AVX512, AVX2, ...): runs on different ones
+        # round differently, and a run at a high learning rate can amplify that (README, "Reruns").
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
     }

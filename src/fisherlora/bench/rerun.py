@@ -29,6 +29,8 @@ class RunDifference:
         curve: the largest `|reference - rerun|` over the training-loss curve's points.
         test_examples: the test set's size (`test_size + extra_test_size` of the run's task options),
             or None when the records do not say.
+        same_machine: whether both records name the same machine (platform string, and the CPU
+            kernels' instruction set where both record it).
     """
 
     run_id: str
@@ -42,6 +44,7 @@ class RunDifference:
     final_loss: tuple[float, float]
     curve: float
     test_examples: int | None
+    same_machine: bool = True
 
     @property
     def test_examples_moved(self) -> float | None:
@@ -49,6 +52,12 @@ class RunDifference:
         if self.test_examples is None:
             return None
         return abs(self.test[1] - self.test[0]) * self.test_examples
+
+
+def _same_machine(first: dict[str, Any], second: dict[str, Any]) -> bool:
+    one, other = first.get("machine") or {}, second.get("machine") or {}
+    keys = [key for key in ("platform", "cpu_capability") if key in one and key in other]
+    return all(one[key] == other[key] for key in keys)
 
 
 def _test_examples(record: dict[str, Any]) -> int | None:
@@ -92,25 +101,28 @@ def compare_runs(reference: list[dict[str, Any]], rerun: list[dict[str, Any]]) -
             reference_commit=str(old.get("git_commit", "?"))[:10], rerun_commit=str(new.get("git_commit", "?"))[:10],
             val=(old["val_metric"], new["val_metric"]), test=(old["test_metric"], new["test_metric"]),
             final_loss=(old["final_train_loss"], new["final_train_loss"]), curve=curve,
-            test_examples=_test_examples(new)))
+            test_examples=_test_examples(new), same_machine=_same_machine(old, new)))
     return differences
 
 
 def format_comparison(differences: list[RunDifference], reference_dir: str, rerun_dir: str) -> str:
     """A markdown table of `differences`, one row per run, and the largest differences below it."""
     lines = [f"### Rerun of {len(differences)} runs: `{rerun_dir}` against `{reference_dir}`", "",
-             "| method | seed | lr | reference code | rerun code | val (ref -> rerun) | test (ref -> rerun) | "
-             "test predictions moved | final loss (ref -> rerun) | max curve difference |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| method | seed | lr | reference code | rerun code | machine | val (ref -> rerun) | "
+             "test (ref -> rerun) | test predictions moved | final loss (ref -> rerun) | max curve difference |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for item in differences:
         moved = "-" if item.test_examples_moved is None else f"{item.test_examples_moved:.0f} of {item.test_examples}"
+        machine = "same" if item.same_machine else "other"
         lines.append(f"| {item.method} | {item.seed} | {item.lr:g} | {item.reference_commit} | {item.rerun_commit} | "
+                     f"{machine} | "
                      f"{item.val[0]:.4f} -> {item.val[1]:.4f} | {item.test[0]:.4f} -> {item.test[1]:.4f} | {moved} | "
                      f"{item.final_loss[0]:.4f} -> {item.final_loss[1]:.4f} | {item.curve:.2e} |")
     if differences:
         lines += ["", f"Largest |difference|: validation {max(abs(d.val[1] - d.val[0]) for d in differences):.4f}, "
                       f"test {max(abs(d.test[1] - d.test[0]) for d in differences):.4f}, "
-                      f"training-loss curve {max(d.curve for d in differences):.2e}."]
+                      f"training-loss curve {max(d.curve for d in differences):.2e}. machine: the platform (and the "
+                      "instruction set of torch's CPU kernels, where recorded) of both records, same or other."]
     return "\n".join(lines)
 
 
