@@ -120,6 +120,8 @@ class Verdict:
     tasks: list[TaskVerdict]
     pooled: list[Row]
     default: DefaultChoice | None = None
+    machines: str = ""
+    """Which machines made the runs (`machines.stage_two_machines`), shown under the tables."""
 
 
 def _detectable(mde: float, n: int, level: float) -> float:
