@@ -240,6 +240,8 @@ def test_run_claims_hold_against_live_processes_and_pass_from_dead_ones(tmp_path
     assert other.claim("run-b") and ours.claim("run-b"), "a dead process's claim is taken over"
     other.owner = f"elsewhere.example {os.getpid()}"  # no way to tell whether it lives: respected
     assert other.claim("run-c") and not ours.claim("run-c")
+    # run-a and run-b are ours now; run-c is held by the other host's process; run-d by nobody
+    assert ours.held_elsewhere({"run-a", "run-b", "run-c", "run-d"}) == 1
 
 
 def test_processes_sharing_a_folder_split_the_runs_and_leave_no_claim(tmp_path: Path):

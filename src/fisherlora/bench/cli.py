@@ -122,7 +122,7 @@ def _byo_preset(args: argparse.Namespace) -> Any:
 def command_bench(args: argparse.Namespace) -> int:
     from .presets import get_preset
     from .report import format_table, write_report
-    from .results import ResultsFile
+    from .results import ResultsFile, RunClaims
     from .runner import process_rank, run_all
     from .summary import summarize
     from .tasks import build_task
@@ -156,9 +156,12 @@ def command_bench(args: argparse.Namespace) -> int:
             cache[key] = build_task(spec.task, **spec.task_options)
         return cache[key]
 
-    done_before = len(results.done_ids() & {spec.run_id() for spec in specs})
-    print(f"preset {preset.name}, stage {args.stage}: {len(specs)} runs ({done_before} already in {results.path}); "
-          f"tasks {sorted({s.task for s in specs})}, {len({s.method for s in specs})} methods")
+    done = results.done_ids()
+    done_before = len(done & {spec.run_id() for spec in specs})
+    elsewhere = RunClaims(out).held_elsewhere({spec.run_id() for spec in specs} - done)
+    shared = f", {elsewhere} running in other processes sharing the folder" if elsewhere else ""
+    print(f"preset {preset.name}, stage {args.stage}: {len(specs)} runs ({done_before} already in {results.path}"
+          f"{shared}); tasks {sorted({s.task for s in specs})}, {len({s.method for s in specs})} methods")
     run_all(specs, results, task_factory)
     if process_rank()[0] != 0:  # under DDP only rank 0 reports (run_all already waited for the file)
         return 0

@@ -121,6 +121,18 @@ class RunClaims:
             return True
         return False
 
+    def held_elsewhere(self, run_ids: set[str]) -> int:
+        """How many of `run_ids` a live process other than this one holds now."""
+        count = 0
+        for run_id in run_ids:
+            path = self._path(run_id)
+            try:
+                owner = path.read_text().split("\n", 1)[0]
+            except FileNotFoundError:
+                continue
+            count += owner != self.owner and _holder_alive(path)
+        return count
+
     def release(self, run_id: str) -> None:
         """Remove this process's claim of `run_id` (a claim of another process is left alone)."""
         path = self._path(run_id)
