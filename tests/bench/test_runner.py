@@ -213,58 +213,70 @@ def test_the_declared_task_type_decides_causal_lm(task_type: TaskType, metric_na
 
 
 
-def _dead_pid() -> int:
+def test_run_claims_hold_while_their_process_lives_and_pass_when_it_ends(tmp_path: Path):
+    import os
     import subprocess
     import sys
 
-    process = subprocess.Popen([sys.executable, "-c", "pass"])
-    process.wait()
-    return process.pid
-
-
-def test_run_claims_hold_against_live_processes_and_pass_from_dead_ones(tmp_path: Path):
-    import os
-    import socket
-
     from fisherlora.bench.results import RunClaims
 
-    host = socket.gethostname()
-    ours, other = RunClaims(tmp_path), RunClaims(tmp_path)
-    other.owner = f"{host} {os.getppid()}"  # another live process
+    ours, other = RunClaims(tmp_path), RunClaims(tmp_path)  # two holders of separate locks
     assert other.claim("run-a") and not ours.claim("run-a")
     ours.release("run-a")  # not ours to release
     assert not ours.claim("run-a")
     other.release("run-a")
     assert ours.claim("run-a")
-    other.owner = f"{host} {_dead_pid()}"  # crashed while running run-b
-    assert other.claim("run-b") and ours.claim("run-b"), "a dead process's claim is taken over"
-    other.owner = f"elsewhere.example {os.getpid()}"  # no way to tell whether it lives: respected
-    assert other.claim("run-c") and not ours.claim("run-c")
-    # run-a and run-b are ours now; run-c is held by the other host's process; run-d by nobody
-    assert ours.held_elsewhere({"run-a", "run-b", "run-c", "run-d"}) == 1
+    assert other.claim("run-b")
+    os.close(other.held.pop("run-b"))  # its process crashed: the file stays, the lock is gone
+    assert ours.claim("run-b"), "a claim without a live holder is taken over"
+    assert other.claim("run-c") and ours.held_elsewhere({"run-a", "run-b", "run-c", "run-d"}) == 1
+    # another process, killed with SIGKILL while holding a claim (no cleanup of its own)
+    code = ("import sys, time; from fisherlora.bench.results import RunClaims; "
+            f"assert RunClaims({str(tmp_path)!r}).claim('run-e'); print('held', flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        assert not ours.claim("run-e") and ours.held_elsewhere({"run-e"}) == 1
+    finally:
+        holder.kill()
+        holder.wait()
+    assert ours.claim("run-e")
 
 
-def test_processes_sharing_a_folder_split_the_runs_and_leave_no_claim(tmp_path: Path):
+def test_an_empty_claim_file_is_not_a_claim(tmp_path: Path):
+    """A claim was a file's content (host and pid); a file caught between its creation and its write
+    read as a dead holder's and was taken over while its holder ran. A claim is now the lock."""
+    from fisherlora.bench.results import RunClaims
+
+    holder, ours = RunClaims(tmp_path), RunClaims(tmp_path)
+    assert holder.claim("run-a")
+    holder._path("run-a").write_text("")  # whatever the file holds, the lock decides
+    assert not ours.claim("run-a")
+
+
+def test_processes_sharing_a_folder_split_the_runs_and_leave_no_claim(tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]):
     import os
-    import socket
 
     from fisherlora.bench.results import RunClaims
 
     results = ResultsFile(tmp_path)
-    plan = specs(["lora", "pissa", "olora"], [1e-3])
+    plan = specs(["lora", "pissa", "olora", "gaussian"], [1e-3])
     other = RunClaims(tmp_path)
-    other.owner = f"{socket.gethostname()} {os.getppid()}"
 
-    class OtherProcessTakesPissa(CountingFactory):
+    class OtherProcess(CountingFactory):
         def __call__(self, spec: RunSpec) -> Task:
-            if spec.method == "lora":  # while this process runs lora, another one starts pissa
-                assert other.claim(plan[1].run_id())
+            if spec.method == "lora":  # while this process runs lora, another one starts pissa and gaussian
+                assert other.claim(plan[1].run_id()) and other.claim(plan[3].run_id())
+            if spec.method == "olora":  # ... and dies while running pissa
+                os.close(other.held.pop(plan[1].run_id()))
             return super().__call__(spec)
 
-    factory = OtherProcessTakesPissa()
+    factory = OtherProcess()
     written = run_all(plan, results, factory, show_progress=False)
-    assert [record["method"] for record in written] == ["lora", "olora"] and factory.calls == 2
-    other.release(plan[1].run_id())
+    assert [record["method"] for record in written] == ["lora", "olora", "pissa"] and factory.calls == 3
+    assert "1 run(s) still running in other processes" in capsys.readouterr().out  # gaussian
+    other.release(plan[3].run_id())
     assert not list((tmp_path / "runs.jsonl.claims").iterdir()), "every claim released"
     with pytest.raises(KeyboardInterrupt):  # an interrupted run releases its claim too
         run_all(specs(["lora"], [1e-2]), results, CountingFactory(fail_after=0), show_progress=False)

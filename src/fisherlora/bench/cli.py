@@ -56,7 +56,8 @@ def add_bench_commands(commands: Any) -> None:
                             "larger test sets (docs/protocol.md)")
     bench.add_argument("--no-report", action="store_true", help="do not write summary.md and plots at the end")
     bench.add_argument("--threads", type=int, default=None,
-                       help="torch CPU threads (1 per process when running one process per seed)")
+                       help="torch CPU threads (1 per process when several processes share the folder, one per "
+                            "core)")
     bench.set_defaults(handler=command_bench)
 
     init_cost = commands.add_parser("bench-init", help="time each initialization on the same calibration batches")

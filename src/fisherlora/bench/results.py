@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import hashlib
 import json
@@ -89,72 +88,65 @@ CLAIMS_FOLDER = "runs.jsonl.claims"
 class RunClaims:
     """The runs that processes sharing a results folder are executing now, so that several processes
     started on the same preset split its runs instead of repeating them: one file per run in
-    `OUT/runs.jsonl.claims/`, created exclusively (`O_EXCL`) and holding the claiming process's host
-    and pid, removed when its record is written.
-
-    A claim whose process is gone (same host, pid no longer running: a crash, a kill) is taken
-    over, so an interrupted run is redone on resume. A claim from another host is always respected:
-    after a crash there, delete `runs.jsonl.claims/`.
+    `OUT/runs.jsonl.claims/`, on which the running process holds an exclusive `flock` for as long as
+    it runs the run (the file names its host and pid, for people); it is removed when the run's
+    record is written. The operating system drops the lock when the process ends in any way (a
+    crash, `kill -9`), so a run whose process died is free to claim again.
     """
 
     def __init__(self, directory: str | os.PathLike[str]) -> None:
         self.folder = Path(directory) / CLAIMS_FOLDER
         self.owner = f"{socket.gethostname()} {os.getpid()}"
+        self.held: dict[str, int] = {}  # run id -> the descriptor holding its lock
 
     def _path(self, run_id: str) -> Path:
         return self.folder / hashlib.sha1(run_id.encode()).hexdigest()
 
     def claim(self, run_id: str) -> bool:
-        """Claim `run_id` for this process: False when a live process holds it."""
+        """Claim `run_id` for this process: False when another process holds it."""
+        if run_id in self.held:
+            return True
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self._path(run_id)
-        for _ in range(2):
+        while True:
+            descriptor = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
             try:
-                descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                if _holder_alive(path):
-                    return False
-                path.unlink(missing_ok=True)  # a dead process's claim
-                continue
-            with os.fdopen(descriptor, "w") as file:
-                file.write(f"{self.owner}\n{run_id}\n")
-            return True
-        return False
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(descriptor)
+                return False
+            try:
+                same = os.fstat(descriptor).st_ino == os.stat(path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(descriptor)  # locked a file its holder removed meanwhile: claim the current one
+        os.ftruncate(descriptor, 0)
+        os.write(descriptor, f"{self.owner}\n{run_id}\n".encode())
+        self.held[run_id] = descriptor
+        return True
 
     def held_elsewhere(self, run_ids: set[str]) -> int:
-        """How many of `run_ids` a live process other than this one holds now."""
+        """How many of `run_ids` another process holds now."""
         count = 0
-        for run_id in run_ids:
-            path = self._path(run_id)
+        for run_id in run_ids - set(self.held):
             try:
-                owner = path.read_text().split("\n", 1)[0]
+                descriptor = os.open(self._path(run_id), os.O_RDONLY)
             except FileNotFoundError:
                 continue
-            count += owner != self.owner and _holder_alive(path)
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                count += 1
+            finally:
+                os.close(descriptor)
         return count
 
     def release(self, run_id: str) -> None:
-        """Remove this process's claim of `run_id` (a claim of another process is left alone)."""
-        path = self._path(run_id)
-        try:
-            if path.read_text().split("\n", 1)[0] == self.owner:
-                path.unlink()
-        except FileNotFoundError:
-            pass
-
-
-def _holder_alive(path: Path) -> bool:
-    """Whether the process named in the claim file `path` still runs (True for another host's)."""
-    try:
-        host, pid = path.read_text().split("\n", 1)[0].rsplit(" ", 1)
-    except (FileNotFoundError, ValueError):
-        return False  # gone meanwhile, or cut off while being written
-    if host != socket.gethostname():
-        return True
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except OSError as error:  # EPERM: alive, another user's
-        return error.errno == errno.EPERM
-    return True
+        """Remove this process's claim of `run_id` (nothing when it holds none)."""
+        descriptor = self.held.pop(run_id, None)
+        if descriptor is None:
+            return
+        self._path(run_id).unlink(missing_ok=True)  # while still locked: nobody takes a stale file
+        os.close(descriptor)  # drops the lock

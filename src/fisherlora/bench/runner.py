@@ -356,21 +356,23 @@ def run_all(specs: Sequence[RunSpec], results: ResultsFile, task_factory: Callab
         distributed.broadcast_object_list(shared, src=0)
         done = shared[0]
     pending = [spec for spec in specs if spec.run_id() not in done]
-    written = []
+    written: list[dict[str, Any]] = []
+    skipped: list[RunSpec] = []
     with tqdm(total=len(specs), initial=len(specs) - len(pending), desc="runs", unit="run",
               disable=not progress_bars_wanted(show_progress) or rank != 0) as bar:
-        for spec in pending:
+
+        def run_one(spec: RunSpec) -> None:
             if world == 1 and spec.run_id() in results.done_ids():
                 # Another process sharing the results folder finished it meanwhile.
                 bar.update(1)
-                continue
+                return
             if world == 1 and not claims.claim(spec.run_id()):
-                continue  # another process sharing the results folder is running it now
-            if world == 1 and spec.run_id() in results.done_ids():  # finished between the check and the claim
-                claims.release(spec.run_id())
-                bar.update(1)
-                continue
+                skipped.append(spec)  # another process sharing the results folder is running it now
+                return
             try:
+                if world == 1 and spec.run_id() in results.done_ids():  # finished between the check and the claim
+                    bar.update(1)
+                    return
                 record = execute(spec, task_factory(spec), show_progress and rank == 0)
                 if world > 1:
                     record["world_size"] = world
@@ -387,6 +389,18 @@ def run_all(specs: Sequence[RunSpec], results: ResultsFile, task_factory: Callab
             if rank == 0:
                 bar.write(f"{spec.task:>7} {spec.method:<18} seed={spec.seed} lr={spec.lr:g}: {status}")
                 sys.stdout.flush()  # a log file sees each run as it finishes
+
+        for spec in pending:
+            run_one(spec)
+        # A run skipped for another process's claim is free again if that process died meanwhile.
+        elsewhere, skipped = skipped, []
+        for spec in elsewhere:
+            run_one(spec)
+        still = {spec.run_id() for spec in skipped} - results.done_ids()
+        if still and rank == 0:
+            bar.write(f"{len(still)} run(s) still running in other processes sharing {results.directory}: this "
+                      "process's summary lacks them (the last process to finish has them all)")
+            sys.stdout.flush()
     if world > 1:
         import torch.distributed as distributed
 
