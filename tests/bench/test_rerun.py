@@ -32,7 +32,7 @@ def test_pairs_by_run_id_and_measures_each_difference():
     assert item.curve == pytest.approx(0.25)
     assert item.test_examples == 2000 and item.test_examples_moved == pytest.approx(3.0)
     table = format_comparison([item], "results/text", "rerun/text")
-    row = ("| fisher_svd | 0 | 0.003 | aaaaaaaaaa | bbbbbbbbbb | same | 0.7500 -> 0.7600 | 0.7600 -> 0.7585 "
+    row = ("| fisher_svd | 0 | 0.003 | aaaaaaaaaa | bbbbbbbbbb | ? | 0.7500 -> 0.7600 | 0.7600 -> 0.7585 "
            "| 3 of 2000 |")
     assert row in table
     assert "validation 0.0100, test 0.0015, training-loss curve 2.50e-01" in table
@@ -48,8 +48,8 @@ def test_refuses_runs_that_cannot_be_compared(problem: str):
         rerun[0].update(error="RuntimeError: out of memory", val_metric=None, test_metric=None)
     else:
         rerun[0]["curve"] = {"step": [0, 5], "train_loss": [2.0, 1.0]}
-    message = {"missing": "no record in the reference folder", "failed": "failed in the rerun",
-               "steps": "sampled at different steps"}[problem]
+    message = {"missing": r"1 run\(s\) of the rerun have no record in the reference folder",
+               "failed": "failed in the rerun", "steps": "sampled at different steps"}[problem]
     with pytest.raises(ValueError, match=message) as raised:
         compare_runs(reference, rerun)
     assert rerun[0]["run_id"] in str(raised.value)
@@ -90,3 +90,32 @@ def test_a_rerun_on_another_machine_says_so():
     (item,) = compare_runs([make_run("lora", 1e-3, 0, 0.7, 0.7, machine=older)],
                            [make_run("lora", 1e-3, 0, 0.7, 0.7, machine=machine)])
     assert item.same_machine
+
+
+def test_dirty_code_unknown_machines_and_threads_are_shown():
+    machine = {"platform": "p", "torch_threads": 1}
+    reference = [make_run("lora", 1e-3, 0, 0.7, 0.7, git_commit="a" * 40, git_dirty=False, machine=machine)]
+    (item,) = compare_runs(reference, [make_run("lora", 1e-3, 0, 0.7, 0.7, git_commit="b" * 40, git_dirty=True,
+                                                machine={**machine, "torch_threads": 2})])
+    assert item.rerun_commit == "bbbbbbbbbb+dirty" and item.reference_commit == "aaaaaaaaaa"
+    assert item.same_machine is False, "another thread count rounds reductions differently"
+    (item,) = compare_runs([make_run("lora", 1e-3, 0, 0.7, 0.7)], [make_run("lora", 1e-3, 0, 0.7, 0.7)])
+    assert item.same_machine is None and "| ? |" in format_comparison([item], "a", "b")
+    assert "### Rerun of 1 run:" in format_comparison([item], "a", "b")
+
+
+def test_folder_errors_name_the_folder_and_what_is_wrong(tmp_path, capsys):
+    _write(tmp_path / "reference", [make_run("lora", 1e-3, 0, 0.70, 0.71, started="s", finished="f")])
+    (tmp_path / "empty").mkdir()
+    assert main(["compare-runs", str(tmp_path / "reference"), str(tmp_path / "empty")]) == 2
+    assert f"the rerun folder {str(tmp_path / 'empty')!r} has no runs.jsonl" in capsys.readouterr().err
+    assert main(["compare-runs", str(tmp_path / "reference"), str(tmp_path / "reference")]) == 2
+    assert "is a copy of a reference record" in capsys.readouterr().err
+    _write(tmp_path / "text", [make_run("lora", 1e-3, 0, 0.70, 0.72)])
+    readme, out = tmp_path / "README.md", tmp_path / "compare.md"
+    readme.write_text("no markers\n")
+    assert main(["compare-runs", str(tmp_path / "reference"), str(tmp_path / "text"), "--out", str(out),
+                 "--readme", str(readme)]) == 2
+    captured = capsys.readouterr()
+    assert "has no section <!-- results:rerun_text:start -->" in captured.err
+    assert not out.exists() and "Rerun of" not in captured.out, "checked before any work"
