@@ -172,3 +172,24 @@ def test_bench_says_how_many_runs_other_processes_are_running(tmp_path: Path, ca
         main(["bench", "--preset", "tiny", "--out", str(tmp_path), "--no-report"])
     printed = capsys.readouterr().out
     assert "2 runs (0 already in " in printed and ", 1 running in other processes sharing the folder)" in printed
+
+
+def test_a_process_finishing_while_others_run_leaves_the_report_to_the_last(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch):
+    """A report written by the first process to finish lacks the runs others are still running, and
+    could be written after the complete one."""
+    from fisherlora.bench.results import RunClaims
+
+    tiny = presets.Preset("tiny", "two quick runs", {"tiny": presets.TaskPlan(lrs=[1e-3, 1e-2], training=TRAINING)},
+                          seeds=[0], method_list=["lora"])
+    monkeypatch.setitem(presets.PRESETS, "tiny", tiny)
+    task = tiny_task()
+    monkeypatch.setattr(tasks, "build_task", lambda name, **options: task)
+    other = RunClaims(tmp_path)  # another process, running the second run all along
+    assert other.claim(tiny.specs()[1].run_id())
+    assert main(["bench", "--preset", "tiny", "--out", str(tmp_path)]) == 0
+    assert "report: not written, 1 run(s) still running in other processes" in capsys.readouterr().out
+    assert not (tmp_path / "summary.md").exists()
+    other.release(tiny.specs()[1].run_id())
+    assert main(["bench", "--preset", "tiny", "--out", str(tmp_path)]) == 0  # the last one runs it and reports
+    assert (tmp_path / "summary.md").exists() and len(ResultsFile(tmp_path).records()) == 2

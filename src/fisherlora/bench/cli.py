@@ -169,7 +169,11 @@ def command_bench(args: argparse.Namespace) -> int:
     runs = [record for record in results.records() if record.get("preset") == preset.name]
     print(format_table(summarize(runs)))
     if not args.no_report:
-        print(f"report: {write_report(out)}")
+        running = RunClaims(out).held_elsewhere({spec.run_id() for spec in specs} - results.done_ids())
+        if running:  # the last process sharing the folder writes it, with every run
+            print(f"report: not written, {running} run(s) still running in other processes sharing {out}")
+        else:
+            print(f"report: {write_report(out)}")
     return 0
 
 
