@@ -157,9 +157,9 @@ def command_bench(args: argparse.Namespace) -> int:
             cache[key] = build_task(spec.task, **spec.task_options)
         return cache[key]
 
-    done = results.done_ids()
-    done_before = len(done & {spec.run_id() for spec in specs})
-    elsewhere = RunClaims(out).held_elsewhere({spec.run_id() for spec in specs} - done)
+    run_ids, done = {spec.run_id() for spec in specs}, results.done_ids()
+    done_before = len(done & run_ids)
+    elsewhere = RunClaims(out).held_elsewhere(run_ids - done)
     shared = f", {elsewhere} running in other processes sharing the folder" if elsewhere else ""
     print(f"preset {preset.name}, stage {args.stage}: {len(specs)} runs ({done_before} already in {results.path}"
           f"{shared}); tasks {sorted({s.task for s in specs})}, {len({s.method for s in specs})} methods")
@@ -169,7 +169,7 @@ def command_bench(args: argparse.Namespace) -> int:
     runs = [record for record in results.records() if record.get("preset") == preset.name]
     print(format_table(summarize(runs)))
     if not args.no_report:
-        running = RunClaims(out).held_elsewhere({spec.run_id() for spec in specs} - results.done_ids())
+        running = RunClaims(out).held_elsewhere(run_ids - results.done_ids())
         if running:  # the last process sharing the folder writes it, with every run
             print(f"report: not written, {running} run(s) still running in other processes sharing {out}")
         else:

@@ -362,15 +362,12 @@ def run_all(specs: Sequence[RunSpec], results: ResultsFile, task_factory: Callab
               disable=not progress_bars_wanted(show_progress) or rank != 0) as bar:
 
         def run_one(spec: RunSpec) -> None:
-            if world == 1 and spec.run_id() in results.done_ids():
-                # Another process sharing the results folder finished it meanwhile.
-                bar.update(1)
-                return
             if world == 1 and not claims.claim(spec.run_id()):
                 skipped.append(spec)  # another process sharing the results folder is running it now
                 return
             try:
-                if world == 1 and spec.run_id() in results.done_ids():  # finished between the check and the claim
+                if world == 1 and spec.run_id() in results.done_ids():
+                    # Another process sharing the results folder finished it meanwhile (checked under the claim).
                     bar.update(1)
                     return
                 record = execute(spec, task_factory(spec), show_progress and rank == 0)
