@@ -272,7 +272,7 @@ def test_run_initializer_is_compute_factors_and_the_residual(llama_stats):
     assert torch.equal(result.residual, factors.residual(weight))
 
 
-@pytest.mark.parametrize("dim", [30, 500])  # a full eigh; the block Krylov solver
+@pytest.mark.parametrize("dim", [30, 500, top_r.KRYLOV_MIN_DIM + 64])  # LAPACK's subset solver; the block Krylov method
 def test_top_eigenpairs_match_a_full_decomposition(dim: int):
     generator = torch.Generator().manual_seed(dim)
     half = torch.randn(dim, dim, generator=generator, dtype=torch.float64) * torch.logspace(0, -3, dim,
@@ -285,16 +285,18 @@ def test_top_eigenpairs_match_a_full_decomposition(dim: int):
 
 
 def krylov_only(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Make a fall-back to the full decomposition fail the test."""
+    """The block Krylov method at every width, and a fall-back to the dense solve fails the test."""
     def refuse(matrix: torch.Tensor, count: int):
-        raise AssertionError(f"fell back to the full eigh ({tuple(matrix.shape)}, {count} pairs)")
+        raise AssertionError(f"fell back to the dense solve ({tuple(matrix.shape)}, {count} pairs)")
+    monkeypatch.setattr(top_r, "KRYLOV_MIN_DIM", 0)
     monkeypatch.setattr(top_r, "_full", refuse)
 
 
 @pytest.mark.parametrize("decay", [1e-1, 1e-3])
 def test_top_eigenpairs_iterate_at_384_wide_and_match_a_full_decomposition(decay: float,
                                                                           monkeypatch: pytest.MonkeyPatch):
-    # The width of MiniLM's factors and Gram matrices with r = 8: the block Krylov method, not eigh.
+    # The width of MiniLM's factors and Gram matrices with r = 8 (where a CPU takes the dense solve
+    # instead, `KRYLOV_MIN_DIM`; forced here): the block Krylov method converges.
     generator = torch.Generator().manual_seed(384)
     half = torch.randn(384, 384, generator=generator, dtype=torch.float64) * torch.logspace(0, math.log10(decay), 384,
                                                                                            dtype=torch.float64)
@@ -330,18 +332,23 @@ def test_top_eigenpairs_give_up_after_one_round_when_the_top_is_flat(monkeypatch
     factor = basis * spectrum @ basis.T
     rounds = []
     eigh = torch.linalg.eigh
+    monkeypatch.setattr(top_r, "KRYLOV_MIN_DIM", 0)
     monkeypatch.setattr(torch.linalg, "eigh", lambda matrix: rounds.append(matrix.shape[0]) or eigh(matrix))
+    dense = top_r.subset_eigenpairs
+    monkeypatch.setattr(top_r, "subset_eigenpairs",
+                        lambda matrix, first, last: rounds.append(("dense", first, last)) or dense(matrix, first, last))
     values, vectors = top_eigenpairs(factor, 8)
-    # One round's Rayleigh-Ritz checks (after the steps `_checked` names), then the full eigh.
+    # One round's Rayleigh-Ritz checks (after the steps `_checked` names), then the dense solve.
     steps = top_r.krylov_steps(384, 12)
     one_round = [12 * (step + 1) for step in range(steps + 1) if top_r._checked(step, steps)]
-    assert rounds == [*one_round, 384]
+    assert rounds == [*one_round, ("dense", 376, 383)]
     full_values, full_vectors = eigh(factor)
     torch.testing.assert_close(values, full_values.flip(0)[:8], rtol=1e-12, atol=0)
 
 
 def test_top_eigenpairs_fall_back_when_the_krylov_solver_does_not_converge(monkeypatch: pytest.MonkeyPatch):
     # Two equal leading eigenvalues with a third close below: too few steps to separate them.
+    monkeypatch.setattr(top_r, "KRYLOV_MIN_DIM", 0)
     monkeypatch.setattr(top_r, "krylov_steps", lambda dim, block: 1)
     monkeypatch.setattr(top_r, "_ROUNDS", 1)
     generator = torch.Generator().manual_seed(0)

@@ -46,7 +46,7 @@ def test_an_operator_is_formed_only_for_the_full_decomposition(monkeypatch: pyte
     matrix = random_factor(500, 3)
     formed = []
     operator = SymmetricOperator(500, matrix.__matmul__, lambda: formed.append(1) or matrix, matrix.device)
-    values, vectors = top_eigenpairs(operator, 6)  # 500 wide: the block Krylov method converges
+    values, vectors = top_eigenpairs(operator, 6)  # implicit, 500 wide: the block Krylov method converges
     assert formed == []
     full_values, full_vectors = torch.linalg.eigh(matrix)
     torch.testing.assert_close(values, full_values.flip(0)[:6], rtol=1e-10, atol=0)
@@ -56,8 +56,12 @@ def test_an_operator_is_formed_only_for_the_full_decomposition(monkeypatch: pyte
     torch.testing.assert_close(again, values, rtol=1e-10, atol=0)
 
 
-@pytest.mark.parametrize("shape", [(300, 260), (260, 300), (30, 20)])  # Krylov on either side; a full eigh
-def test_inverse_whitened_triplets_are_those_of_the_formed_whitened_matrix(shape: tuple[int, int]):
+@pytest.mark.parametrize("krylov", [True, False])
+@pytest.mark.parametrize("shape", [(300, 260), (260, 300), (30, 20)])  # narrower side either; too narrow to iterate
+def test_inverse_whitened_triplets_are_those_of_the_formed_whitened_matrix(shape: tuple[int, int], krylov: bool,
+                                                                          monkeypatch: pytest.MonkeyPatch):
+    if krylov:  # else a CPU's dense subset solver at these widths
+        monkeypatch.setattr(top_r, "KRYLOV_MIN_DIM", 0)
     d_out, d_in = shape
     generator = torch.Generator().manual_seed(d_out)
     matrix = (torch.randn(d_out, 30, generator=generator, dtype=torch.float64) * torch.logspace(0, -2, 30)) @ \
@@ -70,3 +74,22 @@ def test_inverse_whitened_triplets_are_those_of_the_formed_whitened_matrix(shape
     torch.testing.assert_close(values, s[:5], rtol=1e-9, atol=0)
     product = left @ torch.diag(values) @ right.T
     assert float((product - expected).norm() / expected.norm()) <= 1e-9
+
+
+def test_a_cpu_takes_the_dense_solve_for_an_explicit_matrix_up_to_the_krylov_width(monkeypatch: pytest.MonkeyPatch):
+    matrix = random_factor(384, 6)
+    products = []
+    explicit = SymmetricOperator(384, lambda block: products.append(block.shape[1]) or matrix @ block, lambda: matrix,
+                                 matrix.device, explicit=True)
+    values, _ = top_eigenpairs(explicit, 8)
+    assert products == []  # LAPACK's subset solver, no Krylov product
+    implicit = SymmetricOperator(384, lambda block: products.append(block.shape[1]) or matrix @ block, lambda: matrix,
+                                 matrix.device)
+    again, _ = top_eigenpairs(implicit, 8)
+    assert products  # iterated: forming an implicit operator would cost ~d^3
+    torch.testing.assert_close(again, values, rtol=1e-10, atol=0)
+    torch.testing.assert_close(values, torch.linalg.eigh(matrix)[0].flip(0)[:8], rtol=1e-10, atol=0)
+    monkeypatch.setattr(top_r, "KRYLOV_MIN_DIM", 383)  # one column wider than the limit: iterated
+    products.clear()
+    top_eigenpairs(explicit, 8)
+    assert products
