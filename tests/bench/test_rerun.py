@@ -119,3 +119,10 @@ def test_folder_errors_name_the_folder_and_what_is_wrong(tmp_path, capsys):
     captured = capsys.readouterr()
     assert "has no section <!-- results:rerun_text:start -->" in captured.err
     assert not out.exists() and "Rerun of" not in captured.out, "checked before any work"
+    missing = tmp_path / "READMEE.md"
+    assert main(["compare-runs", str(tmp_path / "reference"), str(tmp_path / "text"), "--out", str(out),
+                 "--readme", str(missing)]) == 2
+    captured = capsys.readouterr()
+    assert f"--readme {str(missing)!r}: no such file (the README whose section <!-- results:rerun_text:start -->" \
+        in captured.err
+    assert not out.exists() and not missing.exists() and "Rerun of" not in captured.out, "checked before any work"

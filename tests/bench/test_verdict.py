@@ -242,6 +242,30 @@ def test_report_command_writes_verdict_forest_plot_and_readme_section(tmp_path: 
     assert "## Pooled across tasks" in section and "(results/forest.png)" in section
 
 
+@pytest.mark.parametrize("missing", ["vision", "overview", "verdict", "the file"])
+def test_report_checks_every_readme_section_before_writing_anything(tmp_path: Path, missing: str, capsys) -> None:
+    from fisherlora.cli import main
+
+    base = [0.70, 0.72, 0.71]
+    folders = []
+    for task in ("text", "vision"):
+        results = ResultsFile(tmp_path / "results" / task)
+        for run in _task_runs(task, {"lora": base, "fisher_svd": base}):
+            results.append(run)
+        folders.append(str(results.directory))
+    readme = tmp_path / "README.md"
+    if missing != "the file":
+        readme.write_text("".join(f"<!-- results:{name}:start -->\n<!-- results:{name}:end -->\n"
+                                  for name in ("text", "vision", "overview", "verdict") if name != missing))
+    assert main(["report", *folders, "--readme", str(readme)]) == 2
+    error = capsys.readouterr().err
+    assert (f"<!-- results:{missing}:start -->" if missing != "the file" else "no such file") in error
+    written = sorted(path.name for path in (tmp_path / "results").rglob("*")
+                     if path.is_file() and path.suffix != ".lock")
+    assert written == ["runs.jsonl", "runs.jsonl"], "nothing written before the README was checked"
+    assert not readme.exists() if missing == "the file" else "<!-- results:text:end -->" in readme.read_text()
+
+
 def test_no_stage_two_runs_no_verdict(tmp_path: Path) -> None:
     results = ResultsFile(tmp_path)
     for run in _task_runs("text", {"lora": [], "fisher_svd": []}):

@@ -201,11 +201,17 @@ def command_compare_runs(args: argparse.Namespace) -> int:
 
 
 def command_report(args: argparse.Namespace) -> int:
-    from .readme import update_readme, update_readme_overview
+    from .readme import require_section, update_readme, update_readme_overview
     from .report import format_table, write_report
     from .results import load_runs
     from .summary import summarize
 
+    if args.readme:  # every section this report fills, before any file is written
+        with_eval = any(run.get("stage") == "eval" for folder in args.results_dirs for run in load_runs(folder))
+        sections = [Path(folder).name for folder in args.results_dirs]
+        sections += ["overview"] * (len(args.results_dirs) > 1) + ["verdict"] * with_eval
+        for section in sections:
+            require_section(Path(args.readme), section)
     for results_dir in args.results_dirs:
         path = write_report(results_dir)
         print(format_table(summarize(load_runs(results_dir))))

@@ -51,8 +51,12 @@ def update_readme_overview(readme: str | os.PathLike[str], results_dirs: Sequenc
 
 
 def require_section(readme_path: Path, name: str) -> str:
-    """The README's text; ValueError naming the file and the markers if section ``name`` is missing."""
+    """The README's text; ValueError naming the file and the markers if the file or section ``name`` is
+    missing."""
     start, end = f"<!-- results:{name}:start -->", f"<!-- results:{name}:end -->"
+    if not readme_path.is_file():
+        raise ValueError(f"--readme {str(readme_path)!r}: no such file (the README whose section {start} ... "
+                         f"{end} is to hold the {name!r} results); nothing was written")
     text = readme_path.read_text()
     if start not in text or end not in text:
         raise ValueError(f"{readme_path} has no section {start} ... {end} to fill with the {name!r} results")
