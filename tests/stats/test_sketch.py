@@ -180,6 +180,23 @@ def test_fisher_eig_on_sketched_statistics_forms_no_dense_sketch(monkeypatch: py
     assert torch.equal(found.lora_a, expected.lora_a) and torch.equal(found.lora_b, expected.lora_b)
 
 
+@pytest.mark.parametrize("method", ["fisher_zero", "fisher_grad", "fisher_step", "lora_one", "lora_ga_paper"])
+def test_mean_gradient_methods_on_sketched_statistics_form_no_dense_sketch(method: str,
+                                                                           monkeypatch: pytest.MonkeyPatch):
+    # They read M and the low-rank roots only; reading M through the dense view formed both (d, d) factors.
+    net, batches = model(), data()
+    small = collect(net, batches, sketch_threshold=1, sketch_rank=3)
+    config = fl.FisherConfig(method=method, damping=1e-2)
+    weight = net.fc1.weight.detach()
+    expected = run_initializer(method, weight, small["fc1"], 2, 2.0, config)
+
+    def refuse(*args: object, **kwargs: object) -> torch.Tensor:
+        raise AssertionError("a (d, d) matrix was formed from a sketch")
+    monkeypatch.setattr(LowRankFactor, "dense", refuse)
+    found = run_initializer(method, weight, small["fc1"], 2, 2.0, config)
+    assert torch.equal(found.lora_a, expected.lora_a) and torch.equal(found.lora_b, expected.lora_b)
+
+
 @pytest.mark.parametrize("method", sorted(name for name, init in INITIALIZERS.items() if init.needs_statistics))
 def test_initializers_on_sketched_statistics(method: str):
     net, batches = model(), data()

@@ -98,7 +98,7 @@ def natural_gradient_factors(geometry: LayerGeometry, rank: int) -> tuple[torch.
         `left = R_G^-T U_r` `(d_out, r)`, `S_r` `(r,)`, `right = R_A^-T V_r` `(d_in, r)`, float64, with
         `left diag(S_r) right^T = R`.
     """
-    grad_mean = geometry.stats.grad_mean
+    grad_mean = geometry.grad_mean
     if grad_mean is None:  # run_initializer refuses this earlier, naming the module
         raise ValueError("the natural gradient needs grad_mean (collect with collect_grad_mean=True)")
     return inverse_whitened_triplets(grad_mean, geometry.grad_whitening, geometry.act_whitening, rank)

@@ -110,7 +110,7 @@ def fisher_zero(weight: torch.Tensor, geometry: LayerGeometry | None, rank: int,
     assert isinstance(options, FisherZeroOptions)
     d_out = weight.shape[0]
     if options.source == "gradient":
-        grad_mean = geometry.stats.grad_mean
+        grad_mean = geometry.grad_mean
         assert grad_mean is not None  # run_initializer refuses a missing M, naming the module
         directions = top_singular_triplets(grad_mean.to(weight.dtype), rank)[2].T
     else:

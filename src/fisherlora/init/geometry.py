@@ -133,6 +133,14 @@ class LayerGeometry:
         """The statistics with dense factors on `device` (the given object itself when it already is)."""
         return self.source.dense(self.device)
 
+    @cached_property
+    def grad_mean(self) -> torch.Tensor | None:
+        """The mean gradient `M` `(d_out, d_in)` on `device`, None when it was not collected. Read from the
+        statistics as given: a sketched layer's factors are not formed for it (`stats` would form both
+        `d x d` matrices, which the natural gradient on low-rank roots never reads)."""
+        mean = self.source.grad_mean
+        return mean if mean is None else self._on_device(mean)
+
     def _on_device(self, factor: torch.Tensor) -> torch.Tensor:
         return factor if self.device is None else factor.to(self.device)
 

@@ -89,9 +89,9 @@ def _check_positive(options: object, name: str) -> None:
 
 def _mean_gradient(geometry: LayerGeometry | None) -> torch.Tensor:
     """`M` in float64 on the weight's device (`run_initializer` has checked that it was collected)."""
-    if geometry is None or geometry.stats.grad_mean is None:
+    if geometry is None or geometry.grad_mean is None:
         raise ValueError("this initializer needs the mean gradient M (collect with collect_grad_mean=True)")
-    return geometry.stats.grad_mean.double()
+    return geometry.grad_mean.double()
 
 
 @register_initializer(
