@@ -255,3 +255,23 @@ def test_progress_in_a_log_is_one_line_for_the_factors(progress: bool, capsys: p
         assert len(lines) == 1 and lines[0].startswith("fisher_svd: factors of 2 layers, ") and lines[0].endswith(" s")
     else:
         assert lines == []
+
+
+def test_a_misspelled_method_is_refused_before_any_batch_is_read():
+    model = TinyMLP(d_in=6, hidden=5, classes=3)
+    read = []
+
+    def batches():
+        for batch in pair_batches():
+            read.append(1)
+            yield batch
+
+    config = fl.FisherConfig(method="fisher_eigg")
+    with pytest.raises(ValueError, match=r"unknown method 'fisher_eigg' \(did you mean 'fisher_eig'\?\); choose"):
+        fl.collect_fisher(model, batches(), config, target_modules=["fc1"])
+    peft_model = get_peft_model(TinyMLP(d_in=6, hidden=5, classes=3), LoraConfig(r=2, target_modules=["fc1"]))
+    with pytest.raises(ValueError, match=r"unknown initializer 'fisher_eigg' \(did you mean 'fisher_eig'\?\)"):
+        fl.initialize_lora_fisher(peft_model, batches(), config)
+    assert read == []
+    with pytest.raises(ValueError, match=r"unknown method 'qwertyuiop'; choose one of \[.*'fisher_eig'"):
+        fl.collect_fisher(model, batches(), fl.FisherConfig(method="qwertyuiop"), target_modules=["fc1"])

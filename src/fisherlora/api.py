@@ -8,7 +8,7 @@ from typing import Any
 from torch import nn
 
 from .config import FisherConfig
-from .init.catalog import CATALOG
+from .init.catalog import get_method
 from .init.registry import get_initializer
 from .peft import LayerReport, check_can_initialize, find_target_layers, write_adapters
 from .stats.collect import collect_statistics
@@ -50,13 +50,16 @@ def collect_fisher(
     rank its own share of the batches; the sums and token counts are all-reduced, so every rank
     returns the statistics of all the batches (and `initialize_lora_fisher` writes identical
     adapters on every rank).
+
+    Raises:
+        ValueError: an unknown `config.method` (naming the closest known one), before any data is read.
     """
     config = config or FisherConfig()
+    entry = get_method(config.method)  # a misspelled method fails here, not after the pass over the data
     targets = find_target_layers(model, adapter_name, target_modules)
     with_grad_mean = config.collect_grad_mean
     if with_grad_mean is None:
-        entry = CATALOG.get(config.method)
-        with_grad_mean = entry is not None and "grad_mean" in entry.statistics_needed(config)
+        with_grad_mean = "grad_mean" in entry.statistics_needed(config)
     with zero_adapters_bypassed(targets):
         return collect_statistics(model, targets, dataloader, config, loss_fn, sample_fn, with_grad_mean)
 

@@ -13,6 +13,7 @@ methods table and the test sweeps. An entry comes from one decorated function:
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any, Literal, get_args
@@ -198,12 +199,20 @@ def ordered_entries() -> list[MethodEntry]:
     return sorted(CATALOG.values(), key=lambda entry: _FAMILY_ORDER[entry.family])
 
 
+def unknown_name_error(kind: str, name: str, known: list[str]) -> ValueError:
+    """`ValueError` for an unknown `kind` ("method", "initializer") called `name`: the closest known
+    name when one is close (a typo), and every known one."""
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return ValueError(f"unknown {kind} {name!r}{hint}; choose one of {known}")
+
+
 def get_method(name: str) -> MethodEntry:
     """The entry called `name`.
 
     Raises:
-        ValueError: unknown name, with the list of known ones.
+        ValueError: unknown name, with the closest known one and the list of known ones.
     """
     if name not in CATALOG:
-        raise ValueError(f"unknown method {name!r}; choose one of {[entry.name for entry in ordered_entries()]}")
+        raise unknown_name_error("method", name, [entry.name for entry in ordered_entries()])
     return CATALOG[name]

@@ -11,7 +11,16 @@ import torch
 from ..config import FisherConfig
 from ..stats.container import LayerStats
 from ..stats.linalg import low_rank_fisher_norm_squared
-from .catalog import CATALOG, KRONECKER, Family, MethodEntry, Statistic, add_entry, ordered_entries
+from .catalog import (
+    CATALOG,
+    KRONECKER,
+    Family,
+    MethodEntry,
+    Statistic,
+    add_entry,
+    ordered_entries,
+    unknown_name_error,
+)
 from .geometry import FactorCache, LayerGeometry, WeightSpectrum
 
 
@@ -140,7 +149,7 @@ def get_initializer(name: str) -> MethodEntry:
         ValueError: unknown name, or a method that runs through PEFT (both with the valid names).
     """
     if name not in INITIALIZERS:
-        raise ValueError(f"unknown initializer {name!r}; choose one of {list(INITIALIZERS)}")
+        raise unknown_name_error("initializer", name, list(INITIALIZERS))
     return INITIALIZERS[name]
 
 
