@@ -148,7 +148,7 @@ class CollectionConfig:
     """
 
     fisher: FisherType = field(default="empirical", metadata={"help": "Fisher type"})
-    num_batches: int | None = field(default=32, metadata={"help": "calibration batches (None: all)",
+    num_batches: int | None = field(default=32, metadata={"help": "calibration batches (none: all)",
                                                           "flag": "--batches"})
     n_samples: int = field(default=1, metadata={"help": "label draws per input for --fisher true",
                                                 "flag": "--samples"})
@@ -157,7 +157,7 @@ class CollectionConfig:
     seed: int = field(default=0, metadata={"cli": False})
     progress: bool = field(default=True, metadata={"identity": False, "cli": False})
     sketch_threshold: int | None = field(default=None, metadata={
-        "help": "keep factors wider than this as rank --sketch-rank sketches (None: all dense)"})
+        "help": "keep factors wider than this as rank --sketch-rank sketches (none: all dense)"})
     sketch_rank: int = field(default=256, metadata={"help": "sketch size k"})
     sketch_seed: int = field(default=0, metadata={"cli": False})
     layer_groups: int = field(default=1, metadata={
