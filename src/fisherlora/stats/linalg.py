@@ -10,7 +10,7 @@ from typing import Protocol
 
 import torch
 
-from .top_r import KRYLOV_MIN_DIM, SymmetricOperator, top_eigenpairs
+from .top_r import SymmetricOperator, dense_solve_preferred, top_eigenpairs
 
 
 @dataclass(frozen=True)
@@ -266,8 +266,8 @@ def inverse_whitened_triplets(matrix: torch.Tensor, output: Whitening, inputs: W
     # A whitened gradient's top is nearly flat (MiniLM: eigengap at the 8th of 0.02-4.6% of the largest):
     # the Krylov method needed 120-480 columns at 384 wide, and forming the matrix for the dense solve
     # costs less (all 37 layers of MiniLM: 0.69 s against 2.05 s, the same pairs to 1e-12).
-    values, vectors = top_eigenpairs(whitened_gram.dense() if whitened_gram.dim <= KRYLOV_MIN_DIM else whitened_gram,
-                                     count)
+    formed = dense_solve_preferred(whitened_gram.dim, whitened_gram.device)
+    values, vectors = top_eigenpairs(whitened_gram.dense() if formed else whitened_gram, count)
     singular_values = values.clamp_min(0).sqrt()
     if float(singular_values[-1]) <= 1e-4 * float(singular_values[0]):  # also a zero matrix
         whitened = inputs.solve(half.T).T if tall else output.solve(half)

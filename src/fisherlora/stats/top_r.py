@@ -83,6 +83,12 @@ class SymmetricOperator:
         return cls(matrix.shape[0], matrix.__matmul__, lambda: matrix, matrix.device, explicit=True)
 
 
+def dense_solve_preferred(dim: int, device: torch.device) -> bool:
+    """Whether LAPACK's subset solver beats the block Krylov method on an explicit `(dim, dim)` matrix
+    on `device`: on a CPU up to `KRYLOV_MIN_DIM` wide (measured there only)."""
+    return device.type == "cpu" and dim <= KRYLOV_MIN_DIM
+
+
 def top_eigenpairs(factor: torch.Tensor | SymmetricOperator, count: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Leading eigenpairs of a symmetric positive semi-definite matrix, in float64.
 
@@ -140,7 +146,7 @@ def _krylov(operator: SymmetricOperator, count: int) -> tuple[torch.Tensor, torc
     dim = operator.dim
     block = count + max(_EXTRA_COLUMNS, count // 2)
     steps = krylov_steps(dim, block)
-    if steps == 0 or (operator.explicit and operator.device.type == "cpu" and dim <= KRYLOV_MIN_DIM):
+    if steps == 0 or (operator.explicit and dense_solve_preferred(dim, operator.device)):
         return None
     generator = torch.Generator(device="cpu").manual_seed(0)
     start = torch.randn(dim, block, generator=generator, dtype=torch.float64).to(operator.device)
