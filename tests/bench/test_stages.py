@@ -154,12 +154,39 @@ def test_eval_specs_refuse_naming_every_method_without_a_bracketed_lr() -> None:
         eval_specs(preset, runs)
     message = str(raised.value)
     assert "fisher_svd: best LR 1e-2 sits at an edge of its grid (1e-4, 1e-3, 1e-2)" in message
-    assert "fisher_eig: tried at one LR only" in message and "fisher_grad: no successful stage-1 run" in message
+    assert ("fisher_eig: stage 1 unfinished, 4 of its 6 stage-1 runs missing (seed 0 at 1e-4, 1e-2; "
+            "seed 1 at 1e-4, 1e-2)") in message
+    assert "fisher_grad: stage 1 unfinished, 4 of its 6" in message
     assert "fisher_select: no stage-1 (tune) run" in message and "lora:" not in message
     # stage-2 runs in the folder never count as stage 1
     evaluation = _tune("fisher_select", BRACKETED, seeds=range(100, 102), stage="eval")
     with pytest.raises(ValueError, match="fisher_select: no stage-1"):
         eval_specs(_preset(["lora", "fisher_select"]), runs + evaluation)
+
+
+def test_eval_specs_refuse_a_method_whose_stage_one_lacks_a_seed() -> None:
+    """A method run on seed 0 only has every LR "on every seed it has": the LR was picked on one seed
+    while its peers had two (text-long planned 210 stage-2 runs with 9 stage-1 runs missing)."""
+    runs = _tune("lora", BRACKETED) + _tune("fisher_svd", BRACKETED, seeds=range(1))
+    with pytest.raises(ValueError) as raised:
+        eval_specs(_preset(["lora", "fisher_svd"]), runs)
+    message = str(raised.value)
+    assert "fisher_svd: stage 1 unfinished, 3 of its 6 stage-1 runs missing (seed 1 at 1e-4, 1e-3, 1e-2)" in message
+    assert "lora:" not in message
+    # one LR of one seed missing is enough; a failed run counts as run (its LR was tried)
+    partly = _tune("lora", BRACKETED) + _tune("fisher_svd", {1e-4: 0.5, 1e-3: 0.8}) + _tune(
+        "fisher_svd", {1e-2: 0.6}, seeds=range(1))
+    with pytest.raises(ValueError, match=r"fisher_svd: stage 1 unfinished, 1 of its 6 .*\(seed 1 at 1e-2\)"):
+        eval_specs(_preset(["lora", "fisher_svd"]), partly)
+    failed = partly + _tune("fisher_svd", {1e-2: 0.6}, seeds=range(1, 2), error="diverged")
+    assert {s.method: s.lr for s in eval_specs(_preset(["lora", "fisher_svd"]), failed)}["fisher_svd"] == 1e-3
+
+
+def test_eval_specs_refuse_a_single_lr_grid() -> None:
+    plan = TaskPlan(lrs=[1e-3], training=TrainingConfig(rank=2))
+    preset = Preset(name="p", description="test", tasks={"t": plan}, seeds=[0, 1], method_list=["lora"])
+    with pytest.raises(ValueError, match=r"lora: tried at one LR only \(1e-3\)"):
+        eval_specs(preset, _tune("lora", {1e-3: 0.7}))
 
 
 def test_edge_of_the_lrs_run_on_every_seed_names_the_unfinished_extension() -> None:

@@ -3,9 +3,11 @@
 Stage 1 (``"tune"``) runs every method over its LR grid on the tuning seeds; :func:`eval_specs`
 reads those records back from the same results folder, takes each method's LR by the stage-1 rule
 (:func:`.selection.select_lr`: best mean validation metric, never test) and plans the stage-2
-(``"eval"``) runs. It refuses, naming every method concerned, when a method has no successful
-stage-1 run, was tried at one LR only, or has its best LR at an edge of its grid (the grid does
-not bracket the optimum: extend it in stage 1 first), and when an evaluation seed was used in stage 1.
+(``"eval"``) runs. It refuses, naming every method concerned, when a method has no stage-1 run, lacks
+any run of its stage-1 grid on any stage-1 seed (a mean over fewer seeds, or a grid whose extension has
+not run everywhere, would pick the LR on other evidence than its peers'), has no successful stage-1 run,
+was tried at one LR only, or has its best LR at an edge of its grid (the grid does not bracket the
+optimum: extend it in stage 1 first), and when an evaluation seed was used in stage 1.
 """
 
 from __future__ import annotations
@@ -54,6 +56,23 @@ def _stage_one_runs(runs: Sequence[Run], preset: str, task: str) -> dict[str, li
         if stage_of(run) == "tune" and run.get("preset") == preset and run.get("task") == task:
             by_method.setdefault(str(run["method"]), []).append(run)
     return by_method
+
+
+def _unfinished(preset: Preset, task: str, method: str, runs: Sequence[Run]) -> str | None:
+    """Why the method's stage 1 is incomplete (the preset's stage-1 runs of it that have no record,
+    failed or not), or None when every (seed, LR) of its grid was run."""
+    done = {(int(run["seed"]), float(run["lr"])) for run in runs}
+    planned = preset.specs(methods=[method], tasks=[task])
+    missing: dict[int, list[float]] = {}
+    for spec in planned:
+        if (spec.seed, spec.lr) not in done:
+            missing.setdefault(spec.seed, []).append(spec.lr)
+    if not missing:
+        return None
+    where = "; ".join(f"seed {seed} at {', '.join(fmt_lr(lr) for lr in lrs)}" for seed, lrs in missing.items())
+    count = sum(len(lrs) for lrs in missing.values())
+    return (f"stage 1 unfinished, {count} of its {len(planned)} stage-1 runs missing ({where}): "
+            "finish them with --stage tune first")
 
 
 def _selection(method: str, runs: Sequence[Run]) -> tuple[LRSelection | None, str | None]:
@@ -108,8 +127,8 @@ def eval_specs(preset: Preset, runs: Sequence[Run], settings: EvalStage | None =
 
     Raises:
         ValueError: an unknown task; an evaluation seed that stage 1 used (naming it); or, listing
-            every method concerned, a method with no successful stage-1 run, a single LR, or a
-            best LR at an edge of its grid.
+            every method concerned, a method with no stage-1 run, a missing stage-1 run (naming its
+            seed and LR), no successful stage-1 run, a single LR, or a best LR at an edge of its grid.
     """
     settings = settings or EvalStage()
     chosen_seeds = list(seeds or settings.seeds)
@@ -129,7 +148,10 @@ def eval_specs(preset: Preset, runs: Sequence[Run], settings: EvalStage | None =
         lrs: dict[str, float] = {}
         problems = []
         for method in planned:
-            chosen, problem = _selection(method, stage_one.get(method, []))
+            tried = stage_one.get(method, [])
+            chosen, problem = _selection(method, tried)
+            if tried and (unfinished := _unfinished(preset, task, method, tried)) is not None:
+                chosen, problem = None, unfinished
             if problem is not None:
                 problems.append(f"{method}: {problem}")
             elif chosen is not None:
