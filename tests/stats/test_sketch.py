@@ -326,3 +326,21 @@ def test_leading_eigenpairs_refuses_a_count_below_one(count: int):
     factor = LowRankFactor(torch.eye(6, 3), torch.tensor([3.0, 2.0, 1.0]), trace=7.0)
     with pytest.raises(ValueError, match="count >= 1"):
         factor.leading_eigenpairs(count)
+
+
+def test_sketch_trace_is_the_float64_sum_of_squares_of_every_row_added():
+    """The trace sets the damping and the isotropic tail: it is summed in float64 from float32 rows,
+    so rows whose squares overflow float32 (1e20^2) stay finite, while a non-finite row is caught."""
+    generator = torch.Generator().manual_seed(0)
+    batches = [torch.randn(n, 50, generator=generator) * scale for n, scale in ((7, 1.0), (13, 1e-3), (4, 1e20))]
+    sketch = NystromSketch(50, 4, seed=1, device="cpu")
+    for rows in batches:
+        sketch.add(rows)
+    expected = sum(float(rows.double().square().sum()) for rows in batches)
+    assert sketch.finite() and float(sketch.trace) == pytest.approx(expected, rel=1e-12)
+    for bad in (float("nan"), float("inf")):
+        broken = NystromSketch(50, 4, seed=1, device="cpu")
+        rows = torch.ones(3, 50)
+        rows[1, 7] = bad
+        broken.add(rows)
+        assert not broken.finite()
