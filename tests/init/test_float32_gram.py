@@ -1,4 +1,4 @@
-"""The weight's Gram matrix in the wider factor's metric in float32 (`linalg.weight_gram`, taken for a
+"""The weight's Gram matrix in the wider factor's metric in float32 (`weight_gram.weight_gram`, taken for a
 layer with `d_wide^2 d_narrow >= FLOAT32_GRAM_FLOPS`: SmolLM2's query/output and MLP layers).
 
 Stated tolerance against the float64 product: `fisher_svd`'s and `fisher_zero`'s (direction source
@@ -20,7 +20,7 @@ import fisherlora as fl
 from fisherlora.init.fisher_zero_step import FisherZeroOptions
 from fisherlora.init.geometry import FactorCache
 from fisherlora.init.registry import compute_factors
-from fisherlora.stats import linalg
+from fisherlora.stats import weight_gram as gram_module
 from fisherlora.stats.container import LayerStats
 from init.test_float64_reference import PRODUCT_RTOL
 
@@ -35,9 +35,9 @@ def factors_with_gram_threshold(method: str, threshold: float, weight: torch.Ten
                                 monkeypatch: pytest.MonkeyPatch, cache: FactorCache | None = None,
                                 damping: float = 1e-3) -> tuple[torch.Tensor, float | None, list[torch.dtype]]:
     """`(s B A or A, captured energy, dtypes of the weight Grams formed)` with `FLOAT32_GRAM_FLOPS = threshold`."""
-    monkeypatch.setattr(linalg, "FLOAT32_GRAM_FLOPS", threshold)
+    monkeypatch.setattr(gram_module, "FLOAT32_GRAM_FLOPS", threshold)
     dtypes: list[torch.dtype] = []
-    gram = linalg.weight_gram
+    gram = gram_module.weight_gram
     monkeypatch.setattr("fisherlora.init.geometry.weight_gram", lambda matrix, factor, amount, dtype:
                         dtypes.append(dtype) or gram(matrix, factor, amount, dtype))
     options = FisherZeroOptions(source="weight") if method == "fisher_zero" else None
@@ -86,21 +86,49 @@ def test_random_statistics_with_float32_grams_match(method: str, shape: tuple[in
         assert_float32_gram_matches(method, weight, stats, monkeypatch, damping=damping)
 
 
-@pytest.mark.parametrize("shape", [(70, 40), (40, 70)])
+@pytest.mark.parametrize("shape", [(70, 40), (40, 70), (90, 40), (300, 20)])
 def test_weight_gram_in_float32_is_the_float64_one_to_float32_rounding(shape: tuple[int, int]):
+    """(90, 40) and (300, 20) take the triangular product (`d >= 2 n`), the others the full one."""
     generator = torch.Generator().manual_seed(shape[0])
     matrix = torch.randn(*shape, generator=generator)
     half = torch.randn(shape[0], shape[0], generator=generator)
     factor = half @ half.T
     expected = matrix.double().T @ (factor.double() + 0.3 * torch.eye(shape[0], dtype=torch.float64)) @ matrix.double()
     for dtype, tolerance in ((torch.float64, 1e-12), (torch.float32, 1e-6)):
-        gram = linalg.weight_gram(matrix, factor, 0.3, dtype)
+        gram = gram_module.weight_gram(matrix, factor, 0.3, dtype)
         assert gram.dtype == torch.float64 and torch.equal(gram, gram.T)
         assert float((gram - expected).norm() / expected.norm()) <= tolerance, dtype
 
 
 def test_gram_dtype_is_float32_only_where_the_product_is_costly():
-    assert linalg.gram_dtype(1536, 576) == torch.float32  # SmolLM2's MLP: 1.4e9 multiply-adds
-    assert linalg.gram_dtype(576, 576) == torch.float32  # its query and output projections
-    assert linalg.gram_dtype(576, 192) == torch.float64  # its key and value projections (W A W^T)
-    assert linalg.gram_dtype(384, 384) == torch.float64  # MiniLM's attention layers
+    assert gram_module.gram_dtype(1536, 576) == torch.float32  # SmolLM2's MLP: 1.4e9 multiply-adds
+    assert gram_module.gram_dtype(576, 576) == torch.float32  # its query and output projections
+    assert gram_module.gram_dtype(576, 192) == torch.float64  # its key and value projections (W A W^T)
+    assert gram_module.gram_dtype(384, 384) == torch.float64  # MiniLM's attention layers
+
+
+@pytest.mark.parametrize(("shape", "triangular"), [((1536, 576), True), ((1536, 384), True), ((576, 576), False),
+                                                    ((576, 192), True), ((192, 576), False)])
+def test_the_triangular_product_is_taken_where_it_was_measured_faster(shape: tuple[int, int], triangular: bool):
+    assert gram_module.triangular_preferred(torch.empty(shape[0], shape[0]), torch.empty(*shape)) is triangular
+
+
+def test_the_triangular_product_matches_the_full_one_and_reads_the_lower_triangle_only(
+        monkeypatch: pytest.MonkeyPatch):
+    generator = torch.Generator().manual_seed(5)
+    matrix = torch.randn(120, 30, generator=generator)
+    half = torch.randn(120, 120, generator=generator)
+    factor = half @ half.T
+    calls: list[int] = []
+    original = gram_module.transposed_lower_times
+    monkeypatch.setattr(gram_module, "transposed_lower_times",
+                        lambda lower, x: calls.append(1) or original(lower, x))
+    for dtype, tolerance in ((torch.float64, 1e-13), (torch.float32, 1e-6)):
+        triangular = gram_module.weight_gram(matrix, factor, 0.7, dtype)
+        garbage_above = factor + torch.triu(torch.full_like(factor, 1e6), diagonal=1)
+        assert torch.equal(gram_module.weight_gram(matrix, garbage_above, 0.7, dtype), triangular)
+        monkeypatch.setattr(gram_module, "TRIANGULAR_MIN_RATIO", 10**9)
+        full = gram_module.weight_gram(matrix, factor, 0.7, dtype)
+        monkeypatch.setattr(gram_module, "TRIANGULAR_MIN_RATIO", 2)
+        assert float((triangular - full).norm() / full.norm()) <= tolerance, dtype
+    assert len(calls) == 4  # the full product never called it

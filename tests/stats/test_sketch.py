@@ -17,10 +17,10 @@ from fisherlora.stats.linalg import (
     cholesky_whitening,
     inverse_whitened_triplets,
     symmetric_roots,
-    weight_gram,
 )
 from fisherlora.stats.sketch import LowRankFactor, NystromSketch, _spectral_function, layer_statistics_bytes
 from fisherlora.stats.top_r import top_eigenpairs
+from fisherlora.stats.weight_gram import weight_gram
 from models import TinyMLP, pair_batches
 
 D_IN, HIDDEN, CLASSES = 12, 10, 6

@@ -7,7 +7,7 @@ import scipy.linalg
 import torch
 from threadpoolctl import threadpool_info
 
-from fisherlora.stats import subset_eigen
+from fisherlora.stats import cpu_blas
 from fisherlora.stats.subset_eigen import subset_eigenpairs
 
 
@@ -57,7 +57,7 @@ def test_blas_threads_follow_torch_during_the_solve(monkeypatch: pytest.MonkeyPa
     finally:
         torch.set_num_threads(threads)
     assert seen and set(seen) == {1}
-    assert subset_eigen._controller is not None
+    assert cpu_blas._controller is not None
 
 
 @pytest.mark.parametrize(("first", "last", "message"), [(-1, 2, "first=-1"), (3, 2, "first=3, last=2"),

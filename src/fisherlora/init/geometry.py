@@ -16,13 +16,12 @@ from ..stats.linalg import (
     cholesky_whitening,
     damp,
     fisher_norm_squared_damped,
-    gram_dtype,
     symmetric_roots,
-    weight_gram,
     whitened_norm_squared,
 )
 from ..stats.sketch import LowRankFactor
 from ..stats.top_r import top_eigenpairs, top_singular_triplets
+from ..stats.weight_gram import gram_dtype, weight_gram
 
 
 class FactorCache:
@@ -236,7 +235,7 @@ class LayerGeometry:
     def weight_gram(self, weight: torch.Tensor) -> torch.Tensor:
         """The weight's Gram matrix on its narrower side in the metric of the wider side's damped factor,
         `W^T G W` `(d_in, d_in)` for `d_out >= d_in`, else `W A W^T` `(d_out, d_out)`, float64 (in float32
-        arithmetic for a large layer, `linalg.weight_gram`; from a sketched factor's own eigenpairs,
+        arithmetic for a large layer, `weight_gram.weight_gram`; from a sketched factor's own eigenpairs,
         `LowRankFactor.weight_gram`). Kept for the next call (one weight per geometry)."""
         if self._weight_gram is None:
             tall = weight.shape[0] >= weight.shape[1]

@@ -344,43 +344,6 @@ def fisher_norm_squared_damped(delta: torch.Tensor, grad_cov: torch.Tensor, act_
     return float((left.double() * right.double()).sum())
 
 
-FLOAT32_GRAM_FLOPS = 2**27
-"""A weight Gram matrix `M^T F M` with `d^2 n` at least this is formed in float32 (`gram_dtype`): SmolLM2's
-query/output and MLP layers, MiniLM's MLP layers; below it the float64 product is cheap."""
-
-
-def gram_dtype(dim: int, count: int) -> torch.dtype:
-    """The dtype `weight_gram` is computed in for `M` `(dim, count)`: float32 when the `dim^2 count`
-    product is the costly part of a layer's factorization (`FLOAT32_GRAM_FLOPS`), else float64."""
-    return torch.float32 if dim * dim * count >= FLOAT32_GRAM_FLOPS else torch.float64
-
-
-def weight_gram(matrix: torch.Tensor, factor: torch.Tensor, amount: float, dtype: torch.dtype) -> torch.Tensor:
-    """`M^T (F + delta I) M` `(n, n)` float64, symmetric, for `M` `(d, n)` and a factor `F` `(d, d)`: the
-    weight's Gram matrix in the metric of its wider side's damped factor (`W^T G W` for a tall `W`,
-    `W A W^T` for a wide one; its congruence with the narrower side's root has the squared
-    Fisher-norm singular values of `W`, see `LayerGeometry.weight_spectrum`).
-
-    In float32 (`gram_dtype`) the `d^2 n` product, the costliest of a layer's factorization, takes half
-    the float64 time. Its inputs are exact there (the statistics are summed in float32, a float32
-    model's weight is float32); the result carries float32 rounding, `~1e-7 ||M||^2 ||F||` in norm,
-    and the leading eigenvectors of the congruence move by about that over their eigengap. Measured
-    against float64 on the layers of SmolLM2-135M and MiniLM-L6 (all linear layers) this applies to:
-    `fisher_svd`'s rank-8 product `s B A` within 1.1e-5 relative, `fisher_zero`'s (source "weight") `A` within 1.5e-5
-    (SmolLM2's down projections; 4e-6 on MiniLM), where the float64 path itself moves by 2e-7 to 7e-6
-    when the float32 statistics change by one unit in the last place; the tests hold it to `1e-4`.
-
-    Args:
-        matrix: `M` `(d, n)`. factor: `F` `(d, d)`. amount: `delta` added to `F`'s diagonal (0 when `F`
-            is damped already). dtype: float32 or float64, what the products are computed in.
-    """
-    matrix = matrix.to(dtype)
-    product = factor.to(dtype) @ matrix
-    if amount:
-        product.add_(matrix, alpha=amount)  # (F + delta I) M without a damped copy of F
-    return _symmetric((matrix.T @ product).double())
-
-
 def low_rank_fisher_norm_squared(lora_b: torch.Tensor, lora_a: torch.Tensor, damped_grad_cov: torch.Tensor,
                                  damped_act_cov: torch.Tensor) -> float:
     """`||G^{1/2} B A_l A^{1/2}||_F^2 = tr((B^T G B)(A_l A A_l^T))` in `O(d^2 r)`, float64.

@@ -110,7 +110,7 @@ class LowRankFactor:
         """`M^T (F + amount I) M` `(n, n)` float64, symmetric, for `M` `(d, n)`, without forming `F`:
         `F + delta I = U (lambda - tail) U^T + (tail + delta) I`, so it is `P^T diag(lambda - tail) P +
         (tail + delta) M^T M` with `P = U^T M` `(k, n)`: `d n (k + n)` multiply-adds instead of the dense
-        `d n (d + n)` of `linalg.weight_gram` (the same matrix up to rounding). Products in `dtype`."""
+        `d n (d + n)` of `weight_gram.weight_gram` (the same matrix up to rounding). Products in `dtype`."""
         matrix = matrix.to(dtype)
         vectors = self.eigenvectors.to(device=matrix.device, dtype=dtype)
         tail = self.tail

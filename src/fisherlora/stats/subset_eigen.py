@@ -10,26 +10,9 @@ machine's two cores, so absolute times are inflated): `d = 384 / 576 / 768 / 153
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import torch
 
-_controller = None
-
-
-@contextlib.contextmanager
-def _blas_threads_as_torch() -> Iterator[None]:
-    """scipy's BLAS (its own OpenBLAS, one thread per core by default) limited to torch's thread count,
-    so that `--threads 1` means one thread here too (two benchmark workers share two cores)."""
-    global _controller
-    if _controller is None:
-        import scipy.linalg  # noqa: F401  (loads the BLAS the controller is to find)
-        from threadpoolctl import ThreadpoolController
-
-        _controller = ThreadpoolController()  # built once: finding the libraries costs ~2 ms a call
-    with _controller.limit(limits=torch.get_num_threads(), user_api="blas"):
-        yield
+from .cpu_blas import blas_threads_as_torch
 
 
 def subset_eigenpairs(matrix: torch.Tensor, first: int, last: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,7 +43,7 @@ def subset_eigenpairs(matrix: torch.Tensor, first: int, last: int) -> tuple[torc
         return values[first:last + 1], vectors[:, first:last + 1]
     import scipy.linalg
 
-    with _blas_threads_as_torch():
+    with blas_threads_as_torch():
         values, vectors = scipy.linalg.eigh(matrix.contiguous().numpy(), subset_by_index=[first, last],
                                             driver="evr")
     return torch.from_numpy(values), torch.from_numpy(vectors)
