@@ -275,9 +275,22 @@ def test_processes_sharing_a_folder_split_the_runs_and_leave_no_claim(tmp_path: 
     factory = OtherProcess()
     written = run_all(plan, results, factory, show_progress=False)
     assert [record["method"] for record in written] == ["lora", "olora", "pissa"] and factory.calls == 3
-    assert "1 run(s) still running in other processes" in capsys.readouterr().out  # gaussian
+    printed = capsys.readouterr().out
+    assert "1 run(s) still running in other processes" in printed  # gaussian
+    # each run's line tells the folder's progress: lora done while pissa and gaussian ran elsewhere
+    assert "lr=0.001: val=" in printed and "[1/4 in the folder, 2 running elsewhere; about" in printed
+    assert "[3/4 in the folder, 1 running elsewhere; about" in printed  # after pissa, gaussian still held
     other.release(plan[3].run_id())
     assert not list((tmp_path / "runs.jsonl.claims").iterdir()), "every claim released"
     with pytest.raises(KeyboardInterrupt):  # an interrupted run releases its claim too
         run_all(specs(["lora"], [1e-2]), results, CountingFactory(fail_after=0), show_progress=False)
     assert not list((tmp_path / "runs.jsonl.claims").iterdir())
+
+
+def test_progress_note_counts_the_folder_and_shares_the_time_left_among_processes():
+    from fisherlora.bench.formatting import progress_note
+
+    assert progress_note(37, 210, 1, 216.0) == ("[37/210 in the folder, 1 running elsewhere; about 5.2 h left at "
+                                                "3.6 min per run, 2 processes]")  # 173 runs x 216 s / 2
+    assert progress_note(210, 210, 0, 60.0) == "[210/210 in the folder; about 0.0 h left at 1.0 min per run]"
+    assert progress_note(1, 4, 0, 3600.0) == "[1/4 in the folder; about 3.0 h left at 60.0 min per run]"

@@ -122,9 +122,10 @@ def _byo_preset(args: argparse.Namespace) -> Any:
 
 def command_bench(args: argparse.Namespace) -> int:
     from .presets import get_preset
+    from .processes import process_rank
     from .report import format_table, write_report
     from .results import ResultsFile, RunClaims
-    from .runner import process_rank, run_all
+    from .runner import run_all
     from .summary import summarize
     from .tasks import build_task
 

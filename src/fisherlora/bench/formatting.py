@@ -26,3 +26,16 @@ def fmt(value: float | None, spec: str) -> str:
 def fmt_p(p: float) -> str:
     """p-values with three significant digits; NaN (undefined test) as a dash."""
     return fmt(p, ".3g")
+
+
+def progress_note(done: int, total: int, running_elsewhere: int, seconds_per_run: float) -> str:
+    """The progress a benchmark process prints after each run, for a log file where no progress bar
+    shows: runs done in the results folder out of `total`, runs other processes sharing the folder
+    hold now, and the time left if every process keeps this one's pace (`seconds_per_run`, wall
+    seconds per run of this process), e.g. `[37/210 in the folder, 1 running elsewhere; about 2.7 h
+    left at 3.6 min per run, 2 processes]`."""
+    processes = 1 + running_elsewhere
+    left_hours = max(total - done, 0) * seconds_per_run / processes / 3600
+    elsewhere = f", {running_elsewhere} running elsewhere" if running_elsewhere else ""
+    pace = f"{seconds_per_run / 60:.1f} min per run" + (f", {processes} processes" if processes > 1 else "")
+    return f"[{done}/{total} in the folder{elsewhere}; about {left_hours:.1f} h left at {pace}]"

@@ -8,7 +8,6 @@ import gc
 import hashlib
 import json
 import math
-import os
 import random
 import sys
 import time
@@ -24,7 +23,9 @@ from ..config import FisherConfig, identity_fields
 from ..terminal import progress_bars_wanted
 from .baselines import AdapterSpec, build_model, fisher_statistics_mb, method_identity
 from .cost import measure
+from .formatting import progress_note
 from .predictions import PredictionRecorder
+from .processes import process_rank, use_cpu
 from .provenance import git_state, machine, versions
 from .results import ResultsFile, RunClaims
 from .selection import Stage
@@ -129,35 +130,6 @@ def linear_schedule(optimizer: torch.optim.Optimizer, total_steps: int,
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def _use_cpu() -> bool:
-    # The Accelerate device: the GPUs when there are any, unless `--cpu`/ACCELERATE_USE_CPU says otherwise.
-    flag = os.environ.get("ACCELERATE_USE_CPU", "").strip().lower() in ("1", "true", "yes", "y", "on")
-    return flag or not torch.cuda.is_available()
-
-
-def _launched_distributed() -> bool:
-    """Whether this process was started by `accelerate launch`/`torchrun` with several processes."""
-    import torch.distributed as distributed
-
-    if distributed.is_available() and distributed.is_initialized():
-        return distributed.get_world_size() > 1
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
-
-
-def process_rank() -> tuple[int, int]:
-    """`(rank, world size)` of this process: `(0, 1)` in a single process.
-
-    Under a distributed launch this sets up Accelerate's process group (gloo on CPU, NCCL on GPU)
-    if it is not up yet, so that every later collective (statistics, DDP) uses it.
-    """
-    if not _launched_distributed():
-        return 0, 1
-    from accelerate import PartialState
-
-    state = PartialState(cpu=_use_cpu())
-    return state.process_index, state.num_processes
-
-
 def _loss_units(batch: Any) -> int:
     from ..stats.objective import default_loss_units
 
@@ -201,7 +173,7 @@ def train(model: nn.Module, batches: Sequence[Any], lr: float, config: TrainingC
     from accelerate import Accelerator
     from accelerate.utils import send_to_device
 
-    accelerator = Accelerator(cpu=_use_cpu())
+    accelerator = Accelerator(cpu=use_cpu())
     world, rank = accelerator.num_processes, accelerator.process_index
     distributed = world > 1
     home = next(model.parameters()).device
@@ -356,6 +328,7 @@ def run_all(specs: Sequence[RunSpec], results: ResultsFile, task_factory: Callab
         distributed.broadcast_object_list(shared, src=0)
         done = shared[0]
     pending = [spec for spec in specs if spec.run_id() not in done]
+    planned, start = {spec.run_id() for spec in specs}, time.perf_counter()
     written: list[dict[str, Any]] = []
     skipped: list[RunSpec] = []
     with tqdm(total=len(specs), initial=len(specs) - len(pending), desc="runs", unit="run",
@@ -384,7 +357,10 @@ def run_all(specs: Sequence[RunSpec], results: ResultsFile, task_factory: Callab
                                              f"(init {record['init_seconds']:.1f} s, "
                                              f"train {record['train_seconds']:.1f} s)")
             if rank == 0:
-                bar.write(f"{spec.task:>7} {spec.method:<18} seed={spec.seed} lr={spec.lr:g}: {status}")
+                left = planned - results.done_ids()
+                note = progress_note(len(planned) - len(left), len(planned), claims.held_elsewhere(left) if world == 1
+                                     else 0, (time.perf_counter() - start) / len(written))
+                bar.write(f"{spec.task:>7} {spec.method:<18} seed={spec.seed} lr={spec.lr:g}: {status} {note}")
                 sys.stdout.flush()  # a log file sees each run as it finishes
 
         for spec in pending:
