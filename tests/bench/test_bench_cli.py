@@ -193,3 +193,27 @@ def test_a_process_finishing_while_others_run_leaves_the_report_to_the_last(
     other.release(tiny.specs()[1].run_id())
     assert main(["bench", "--preset", "tiny", "--out", str(tmp_path)]) == 0  # the last one runs it and reports
     assert (tmp_path / "summary.md").exists() and len(ResultsFile(tmp_path).records()) == 2
+
+
+def test_bench_plan_prints_the_runs_per_method_and_runs_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                                monkeypatch: pytest.MonkeyPatch, no_work: dict):
+    from fisherlora.bench.results import RunClaims
+
+    tiny = presets.Preset("tiny", "plan", {"tiny": presets.TaskPlan(lrs=[1e-3, 1e-2], training=TRAINING)},
+                          seeds=[0, 1], method_list=["lora", "pissa"])
+    monkeypatch.setitem(presets.PRESETS, "tiny", tiny)
+    specs = tiny.specs()  # seed-major: lora 1e-3, lora 1e-2, pissa 1e-3, pissa 1e-2, then seed 1
+    results = ResultsFile(tmp_path)
+    for spec in specs[:3]:
+        results.append({"run_id": spec.run_id(), "task": "tiny", "method": spec.method, "seed": spec.seed,
+                        "lr": spec.lr, "preset": "tiny", "stage": "tune", "val_metric": 0.5, "test_metric": 0.5})
+    other = RunClaims(tmp_path)
+    assert other.claim(specs[4].run_id())  # lora seed 1 at 1e-3, in another process
+    assert main(["bench", "--preset", "tiny", "--out", str(tmp_path), "--plan"]) == 0
+    printed = capsys.readouterr().out
+    assert "| tiny | lora | 1e-3, 1e-2 | 4 | 2 | 1 | 1 |" in printed
+    assert "| tiny | pissa | 1e-3, 1e-2 | 4 | 1 | 0 | 3 |" in printed
+    assert "run_all" not in no_work and len(results.records()) == 3  # nothing ran
+    # stage 2: the same checks as a real start (stage 1 is unfinished here), before anything runs
+    assert main(["bench", "--preset", "tiny", "--out", str(tmp_path), "--plan", "--stage", "eval"]) == 2
+    assert "stage 1 unfinished" in capsys.readouterr().err

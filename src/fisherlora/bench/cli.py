@@ -55,6 +55,10 @@ def add_bench_commands(commands: Any) -> None:
                             "stage-1 LR read from the same results folder, on fresh seeds (default 100-109) and "
                             "larger test sets (docs/protocol.md)")
     bench.add_argument("--no-report", action="store_true", help="do not write summary.md and plots at the end")
+    bench.add_argument("--plan", action="store_true",
+                       help="print the planned runs per task and method (LRs; runs done, running elsewhere, left) "
+                            "and exit without running any: with --stage eval, the LRs stage 1 chose, after the "
+                            "same checks")
     bench.add_argument("--threads", type=int, default=None,
                        help="torch CPU threads (1 per process when several processes share the folder, one per "
                             "core)")
@@ -120,6 +124,24 @@ def _byo_preset(args: argparse.Namespace) -> Any:
                   seeds=base.seeds, method_list=base.method_list)
 
 
+def plan_table(specs: list[Any], done: set[str], running: set[str]) -> str:
+    """A markdown table of `specs` per task and method: the LRs, and how many runs are done (their
+    ids in `done`), running in another process (ids in `running`) and left."""
+    from .formatting import fmt_lr
+
+    rows: dict[tuple[str, str], list[Any]] = {}
+    for spec in specs:
+        rows.setdefault((spec.task, spec.method), []).append(spec)
+    lines = ["| task | method | LRs | runs | done | running elsewhere | left |", "|---|---|---|---|---|---|---|"]
+    for (task, method), group in rows.items():
+        ids = {spec.run_id() for spec in group}
+        finished, elsewhere = len(ids & done), len(ids & running)
+        lrs = ", ".join(fmt_lr(lr) for lr in sorted({spec.lr for spec in group}))
+        lines.append(f"| {task} | {method} | {lrs} | {len(ids)} | {finished} | {elsewhere} | "
+                     f"{len(ids) - finished - elsewhere} |")
+    return "\n".join(lines)
+
+
 def command_bench(args: argparse.Namespace) -> int:
     from .presets import get_preset
     from .processes import process_rank
@@ -164,6 +186,9 @@ def command_bench(args: argparse.Namespace) -> int:
     shared = f", {elsewhere} running in other processes sharing the folder" if elsewhere else ""
     print(f"preset {preset.name}, stage {args.stage}: {len(specs)} runs ({done_before} already in {results.path}"
           f"{shared}); tasks {sorted({s.task for s in specs})}, {len({s.method for s in specs})} methods")
+    if args.plan:
+        print(plan_table(specs, done, RunClaims(out).held_elsewhere_ids(run_ids - done)))
+        return 0
     run_all(specs, results, task_factory)
     if process_rank()[0] != 0:  # under DDP only rank 0 reports (run_all already waited for the file)
         return 0

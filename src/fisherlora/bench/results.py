@@ -129,7 +129,11 @@ class RunClaims:
 
     def held_elsewhere(self, run_ids: set[str]) -> int:
         """How many of `run_ids` another process holds now."""
-        count = 0
+        return len(self.held_elsewhere_ids(run_ids))
+
+    def held_elsewhere_ids(self, run_ids: set[str]) -> set[str]:
+        """Those of `run_ids` another process holds now."""
+        held: set[str] = set()
         for run_id in run_ids - set(self.held):
             try:
                 descriptor = os.open(self._path(run_id), os.O_RDONLY)
@@ -138,10 +142,10 @@ class RunClaims:
             try:
                 fcntl.flock(descriptor, fcntl.LOCK_SH | fcntl.LOCK_NB)
             except BlockingIOError:
-                count += 1
+                held.add(run_id)
             finally:
                 os.close(descriptor)
-        return count
+        return held
 
     def release(self, run_id: str) -> None:
         """Remove this process's claim of `run_id` (nothing when it holds none)."""
