@@ -184,3 +184,35 @@ def test_work_legend_gives_the_untargeted_forward_its_unit():
     for value, shown in ((18.0, "18 multiply-adds per token"), (28.3e6, "28.3 M multiply-adds per token")):
         legend = _work_legend({"forward": 1.06e7, "untargeted_forward": value})
         assert f"(their forward: {shown})" in legend
+
+
+@pytest.mark.parametrize(("start", "end", "threads", "warned"), [
+    ([0.1, 0.2, 0.3], [1.1, 0.9, 0.5], 1, False),   # only this process
+    ([1.9, 1.5, 1.2], [2.9, 2.5, 2.0], 1, True),    # two workers were running all along
+    ([0.2, 0.1, 0.1], [2.8, 1.0, 0.4], 1, True),    # others started meanwhile
+    ([0.2, 0.1, 0.1], [2.2, 1.9, 1.0], 2, False),   # this process on two threads
+    (None, None, 1, False),                           # no load average on this platform
+])
+def test_a_measurement_next_to_other_processes_is_flagged(start, end, threads: int, warned: bool):
+    warning = init_cost.contention_warning({"start": start, "end": end}, threads)
+    assert (warning is not None) == warned
+    if warned:
+        assert f"load average at the start {start[0]:.2f}" in warning and f"{threads} thread(s)" in warning
+
+
+def test_the_load_average_is_recorded_shown_and_warned_about(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                            capsys: pytest.CaptureFixture):
+    import os
+
+    monkeypatch.setattr("fisherlora.bench.tasks.build_task", lambda name, **options: tiny_task())
+    monkeypatch.setattr(os, "getloadavg", lambda: (2.5, 2.25, 2.0))
+    config = init_cost.InitCostConfig(task="text", methods=["lora_ga"], calibration_batches=1, batch_size=4,
+                                      repeats=1, reference_epoch=False, floor=False,
+                                      task_options={"train_size": 16}, fisher=FisherConfig(progress=False))
+    result = init_cost.run_init_cost(config, tmp_path)
+    assert result["load_average"] == {"start": [2.5, 2.25, 2.0], "end": [2.5, 2.25, 2.0]}
+    assert json.loads((tmp_path / "init_cost_text.json").read_text())["load_average"]["end"] == [2.5, 2.25, 2.0]
+    assert "; 1-minute load average at start 2.50, end 2.50" in (tmp_path / "init_cost_text.md").read_text()
+    assert "warning: other processes ran during the measurement" in capsys.readouterr().err
+    del result["load_average"]  # a result written before the field: its header as it was
+    assert "load average" not in format_init_cost(result)

@@ -248,6 +248,7 @@ def run_init_cost(config: InitCostConfig, out: str | os.PathLike[str] | None = N
 
     task, options, targets, calibration = _task_data(config)
     entries = _entries(config)
+    load_at_start = load_average()
     samples: dict[str, list[dict[str, float]]] = {method: [] for method in entries}
     _time_method(task, "lora", calibration[:1], config, targets)  # warm-up: first-call allocations and imports
     bars = progress_bars_wanted(True)
@@ -292,12 +293,49 @@ def run_init_cost(config: InitCostConfig, out: str | os.PathLike[str] | None = N
         **git_state(),
         "versions": versions(),
         "machine": machine(),
+        "load_average": {"start": load_at_start, "end": load_average()},
     }
+    warning = contention_warning(result["load_average"], result["machine"]["torch_threads"])
+    if warning:
+        log_line(warning)
     if out is not None:
         directory = Path(out)
         atomic_write_text(directory / f"init_cost_{config.task}.json", json.dumps(clean_for_json(result), indent=2))
         atomic_write_text(directory / f"init_cost_{config.task}.md", format_init_cost(result) + "\n")
     return result
+
+
+def load_average() -> list[float] | None:
+    """The system's 1, 5 and 15 minute load averages (runnable processes), or None where the platform
+    has none (`os.getloadavg`)."""
+    try:
+        return [round(value, 2) for value in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
+
+
+def contention_warning(load: dict[str, Any], threads: int) -> str | None:
+    """A warning when other processes ran during the measurement: a 1-minute load average above 0.5
+    before the timing started, or above this process's `threads` + 0.5 at its end. Ratios move under
+    contention (measured: the statistics phase slowed more than LoRA-GA's passes, README,
+    "Initialization cost"), so such a table is not comparable with one from an idle machine."""
+    start, end = load.get("start"), load.get("end")
+    busy_before = start is not None and start[0] > 0.5
+    busy_during = end is not None and end[0] > threads + 0.5
+    if not (busy_before or busy_during):
+        return None
+    seen = ", ".join(f"{when} {values[0]:.2f} / {values[1]:.2f} (1 / 5 min)" for when, values in
+                     (("at the start", start), ("at the end", end)) if values is not None)
+    return (f"warning: other processes ran during the measurement (load average {seen}; this process ran "
+            f"{threads} thread(s)): the ratios shift under contention and are not comparable with a table "
+            "measured on an idle machine")
+
+
+def _load_label(result: dict[str, Any]) -> str:
+    load = result.get("load_average") or {}
+    parts = [f"{when} {values[0]:.2f}" for when, values in (("start", load.get("start")), ("end", load.get("end")))
+             if values is not None]
+    return f"; 1-minute load average at {', '.join(parts)}" if parts else ""
 
 
 def _number(value: float | None, digits: int = 2) -> str:
@@ -325,7 +363,7 @@ def format_init_cost(result: dict[str, Any]) -> str:
         f"({len(result['target_modules']) if isinstance(result.get('target_modules'), list) else '-'} layers), "
         f"{result['calibration_batches']} calibration batches x {result['batch_size']}, median of "
         f"{result['repeats']} (round-robin); one training epoch of the benchmark: "
-        f"{'not measured' if epoch is None else f'{epoch:.1f} s'}",
+        f"{'not measured' if epoch is None else f'{epoch:.1f} s'}{_load_label(result)}",
         "",
         "| " + " | ".join(header) + " |",
         "|---" * len(header) + "|",
