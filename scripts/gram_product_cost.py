@@ -27,12 +27,15 @@ from fisherlora.stats.layers import weight_matrix
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--task", default="lm")
-    parser.add_argument("--batches", type=int, default=16)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--task", default="lm",
+                        help="benchmark task whose model and calibration data are used (lm: SmolLM2-135M), every "
+                             "linear layer targeted (all-linear)")
+    parser.add_argument("--batches", type=int, default=16, help="calibration batches")
+    parser.add_argument("--batch-size", type=int, default=8, help="examples per calibration batch")
+    parser.add_argument("--repeats", type=int, default=3, help="timed repeats per product and layer (median)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     from peft import LoraConfig, get_peft_model

@@ -247,8 +247,20 @@ def test_bench_stage_eval_refuses_before_any_run(tmp_path: Path, capsys: pytest.
     from fisherlora.cli import main
 
     assert main(["bench", "--preset", "text", "--stage", "eval", "--out", str(tmp_path)]) == 2
-    assert "lora: no stage-1 (tune) run" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    # an empty folder: one sentence naming the file and the next step, not one line per method
+    assert f"{tmp_path / 'runs.jsonl'} holds no stage-1 (tune) run of preset 'text', task 'text'" in error
+    assert "fisherlora bench --preset text with the same --out" in error and "lora:" not in error
     assert not (tmp_path / "runs.jsonl").exists()
+
+
+def test_the_methods_without_a_bracketed_lr_are_listed_one_per_line() -> None:
+    runs = _tune("lora", {1e-4: 0.5, 1e-3: 0.6, 1e-2: 0.7}) + _tune("fisher_svd", {1e-4: 0.7, 1e-3: 0.6, 1e-2: 0.5})
+    with pytest.raises(ValueError) as raised:
+        eval_specs(_preset(["lora", "fisher_svd"]), runs, source="results/p/runs.jsonl")
+    lines = str(raised.value).splitlines()
+    assert "(results/p/runs.jsonl); 2 method(s) lack one:" in lines[0]
+    assert lines[1].startswith("  lora: best LR 1e-2") and lines[2].startswith("  fisher_svd: best LR 1e-4")
 
 
 def test_stage_two_runs_end_to_end_on_a_tiny_task(tmp_path: Path) -> None:

@@ -36,13 +36,15 @@ def add_bench_commands(commands: Any) -> None:
     from .presets import PRESETS
 
     bench = commands.add_parser("bench", help="run the benchmark (default: the quick preset)")
-    bench.add_argument("--preset", default="quick", choices=sorted(PRESETS))
+    bench.add_argument("--preset", default="quick", choices=sorted(PRESETS),
+                       help="which benchmark (default: quick; docs/protocol.md)")
     bench.add_argument("--out", default=None, help="results folder (default results/<preset>)")
     add_list_argument(bench, "--methods", default=None,
                       help="subset of methods, separated by spaces or commas (e.g. lora,pissa,fisher_svd,"
                            "fisher_zero+source=gradient)")
     add_list_argument(bench, "--tasks", default=None, help="subset of the preset's tasks")
-    add_list_argument(bench, "--seeds", int, default=None)
+    add_list_argument(bench, "--seeds", int, default=None,
+                      help="subset of seeds (default: the preset's stage-1 seeds; stage 2: 100-109)")
     add_list_argument(bench, "--lrs", float, default=None, help="replace the preset's LR grid")
     bench.add_argument("--model", default=None, help="bring your own: a sequence-classification model folder")
     bench.add_argument("--data", default=None, help="bring your own: CSV with text and label columns")
@@ -60,8 +62,8 @@ def add_bench_commands(commands: Any) -> None:
                             "and exit without running any: with --stage eval, the LRs stage 1 chose, after the "
                             "same checks")
     bench.add_argument("--threads", type=int, default=None,
-                       help="torch CPU threads (1 per process when several processes share the folder, one per "
-                            "core)")
+                       help="torch CPU threads (default: torch's; 1 per process when several processes share "
+                            "the folder, one per core)")
     bench.set_defaults(handler=command_bench)
 
     init_cost = commands.add_parser("bench-init", help="time each initialization on the same calibration batches")
@@ -165,7 +167,8 @@ def command_bench(args: argparse.Namespace) -> int:
 
         if args.lrs:
             raise ValueError("--lrs is for stage 1 only: stage 2 takes each method's LR from stage 1's runs")
-        specs = eval_specs(preset, results.records(), methods=args.methods, tasks=args.tasks, seeds=args.seeds)
+        specs = eval_specs(preset, results.records(), methods=args.methods, tasks=args.tasks, seeds=args.seeds,
+                           source=str(results.path))
     else:
         if args.lrs:
             for plan in preset.tasks.values():
@@ -185,7 +188,8 @@ def command_bench(args: argparse.Namespace) -> int:
     elsewhere = RunClaims(out).held_elsewhere(run_ids - done)
     shared = f", {elsewhere} running in other processes sharing the folder" if elsewhere else ""
     print(f"preset {preset.name}, stage {args.stage}: {len(specs)} runs ({done_before} already in {results.path}"
-          f"{shared}); tasks {sorted({s.task for s in specs})}, {len({s.method for s in specs})} methods")
+          f"{shared}); tasks {', '.join(sorted({s.task for s in specs}))}, {len({s.method for s in specs})} methods, "
+          f"seeds {', '.join(str(seed) for seed in sorted({s.seed for s in specs}))}")
     if args.plan:
         print(plan_table(specs, done, RunClaims(out).held_elsewhere_ids(run_ids - done)))
         return 0

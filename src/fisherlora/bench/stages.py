@@ -119,14 +119,16 @@ def default_methods(candidates: Sequence[str], stage_one: Mapping[str, Sequence[
 
 def eval_specs(preset: Preset, runs: Sequence[Run], settings: EvalStage | None = None,
                methods: Sequence[str] | None = None, tasks: Sequence[str] | None = None,
-               seeds: Sequence[int] | None = None) -> list[RunSpec]:
+               seeds: Sequence[int] | None = None, source: str = "the records given") -> list[RunSpec]:
     """The stage-2 runs of ``preset``: per task, each method (``methods``, else :func:`default_methods`
     of the preset's list) at its stage-1 LR from ``runs`` (the records of the results folder), on
     ``seeds`` (default ``settings.seeds``), with the task options of stage 1 updated by
-    ``settings.test_options``. Seed-major, like :meth:`.Preset.specs`.
+    ``settings.test_options``. Seed-major, like :meth:`.Preset.specs`. ``source`` names where ``runs``
+    came from in error messages (the CLI gives the results file).
 
     Raises:
-        ValueError: an unknown task; an evaluation seed that stage 1 used (naming it); or, listing
+        ValueError: an unknown task; no stage-1 run of the task at all (naming ``source`` and the
+            command that runs stage 1); an evaluation seed that stage 1 used (naming it); or, listing
             every method concerned, a method with no stage-1 run, a missing stage-1 run (naming its
             seed and LR), no successful stage-1 run, a single LR, or a best LR at an edge of its grid.
     """
@@ -139,6 +141,10 @@ def eval_specs(preset: Preset, runs: Sequence[Run], settings: EvalStage | None =
                              + where_tasks_are([task]))
         plan = preset.tasks[task]
         stage_one = _stage_one_runs(runs, preset.name, task)
+        if not stage_one:
+            raise ValueError(f"{source} holds no stage-1 (tune) run of preset {preset.name!r}, task {task!r}: "
+                             f"stage 2 takes each method's LR from stage 1, so run it first "
+                             f"(fisherlora bench --preset {preset.name} with the same --out)")
         reused = sorted({int(run["seed"]) for group in stage_one.values() for run in group} & set(chosen_seeds))
         if reused:
             raise ValueError(f"preset {preset.name!r}, task {task!r}: evaluation seeds {reused} were used in "
@@ -158,7 +164,8 @@ def eval_specs(preset: Preset, runs: Sequence[Run], settings: EvalStage | None =
                 lrs[method] = chosen.lr
         if problems:
             raise ValueError(f"stage 2 of preset {preset.name!r}, task {task!r} needs a bracketed stage-1 LR for "
-                             "every method; " + "; ".join(problems))
+                             f"every method ({source}); {len(problems)} method(s) lack one:\n  "
+                             + ";\n  ".join(problems))
         options = {**plan.options, **settings.test_options.get(task, {})}
         for seed in chosen_seeds:
             specs += [RunSpec(task=task, method=method, seed=seed, lr=lrs[method], training=plan.training,
