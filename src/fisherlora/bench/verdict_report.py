@@ -36,7 +36,8 @@ LEGEND = (
     "Pooled: mean over tasks of each task's mean standardized Δ; a task run in several regimes (text, text-long) "
     "counts once, with its regimes' standardized Δ averaged per evaluation seed (Welch-Satterthwaite t interval; "
     "sign-flip over every task's per-seed standardized difference, exact up to 20 in all, else 100,000 seeded "
-    "random sign patterns; MDE by the normal approximation)."
+    "random sign patterns; MDE by the normal approximation); its seeds count one per task and evaluation seed, "
+    "its wins/ties/losses and collapsed runs every regime's paired runs (so they can exceed the seeds)."
 )
 
 
