@@ -46,3 +46,34 @@ def test_docs_stand_alone():
     assert not offenders, f"these cite notes outside the repository: {offenders}"
     for link in re.findall(r"\]\(((?:docs/)?[\w./-]+\.md)\)", README.read_text()):
         assert (root / link).is_file(), f"README links to a missing {link}"
+
+
+def _pooled_rows() -> dict[str, tuple[float, float, float]]:
+    """`{method: (standardized Δ, low, high)}` of the pooled table in the committed results/verdict.md."""
+    verdict = (README.parent / "results" / "verdict.md").read_text()
+    pooled = verdict.split("## Pooled across tasks")[1]
+    rows = {}
+    for line in pooled.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        found = re.match(r"([+-][\d.]+) \[([+-][\d.]+), ([+-][\d.]+)\]", cells[2]) if len(cells) > 2 else None
+        if found:
+            rows[cells[0]] = (float(found[1]), float(found[2]), float(found[3]))
+    return rows
+
+
+def test_the_readings_pooled_numbers_are_the_generated_verdicts():
+    """The README's reading of the verdict is prose, but its numbers are the generated table's: a rerun of
+    the report that moves them makes this fail until the reading says what the table says."""
+    text = README.read_text()
+    bullet = text[text.index("- Pooled:", text.index("**Reading of the verdict so far.**")):]
+    bullet = bullet[: bullet.index("\n- ")]
+    rows = _pooled_rows()
+    quoted = re.findall(r"([\d.]+) \(`([^`]+)`\)", bullet)
+    intervals = re.findall(r"`([^`]+)` by ([\d.]+) \[([\d.]+), ([\d.]+)\]", bullet)
+    assert quoted or intervals, bullet
+    for value, method in quoted:  # "worse by X": the bullet gives the magnitude of a negative Δ
+        assert float(value) == pytest.approx(abs(rows[method][0]), abs=0.0051), (method, value)
+    for method, value, low, high in intervals:
+        effect, table_low, table_high = rows[method]
+        assert (float(value), float(low), float(high)) == pytest.approx(
+            (abs(effect), abs(table_high), abs(table_low)), abs=0.0051), method
