@@ -185,13 +185,13 @@ def command_bench(args: argparse.Namespace) -> int:
 
     run_ids, done = {spec.run_id() for spec in specs}, results.done_ids()
     done_before = len(done & run_ids)
-    elsewhere = RunClaims(out).held_elsewhere(run_ids - done)
-    shared = f", {elsewhere} running in other processes sharing the folder" if elsewhere else ""
+    running_ids = RunClaims(out).held_elsewhere_ids(run_ids - done)
+    shared = f", {len(running_ids)} running in other processes sharing the folder" if running_ids else ""
     print(f"preset {preset.name}, stage {args.stage}: {len(specs)} runs ({done_before} already in {results.path}"
           f"{shared}); tasks {', '.join(sorted({s.task for s in specs}))}, {len({s.method for s in specs})} methods, "
           f"seeds {', '.join(str(seed) for seed in sorted({s.seed for s in specs}))}")
     if args.plan:
-        print(plan_table(specs, done, RunClaims(out).held_elsewhere_ids(run_ids - done)))
+        print(plan_table(specs, done, running_ids))
         return 0
     run_all(specs, results, task_factory)
     if process_rank()[0] != 0:  # under DDP only rank 0 reports (run_all already waited for the file)

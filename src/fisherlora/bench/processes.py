@@ -10,7 +10,6 @@ import torch
 
 def use_cpu() -> bool:
     """Whether the benchmark trains on the CPU: no GPU, or `--cpu`/`ACCELERATE_USE_CPU` asks for it."""
-    # The Accelerate device: the GPUs when there are any, unless `--cpu`/ACCELERATE_USE_CPU says otherwise.
     flag = os.environ.get("ACCELERATE_USE_CPU", "").strip().lower() in ("1", "true", "yes", "y", "on")
     return flag or not torch.cuda.is_available()
 

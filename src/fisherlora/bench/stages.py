@@ -155,9 +155,9 @@ def eval_specs(preset: Preset, runs: Sequence[Run], settings: EvalStage | None =
         problems = []
         for method in planned:
             tried = stage_one.get(method, [])
-            chosen, problem = _selection(method, tried)
-            if tried and (unfinished := _unfinished(preset, task, method, tried)) is not None:
-                chosen, problem = None, unfinished
+            chosen, problem = None, _unfinished(preset, task, method, tried) if tried else None
+            if problem is None:
+                chosen, problem = _selection(method, tried)
             if problem is not None:
                 problems.append(f"{method}: {problem}")
             elif chosen is not None:
