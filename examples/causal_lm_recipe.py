@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--way", choices=tuple(WAYS), default="command")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--method", default="fisher_eig", choices=sorted(fl.INITIALIZERS))
+    parser.add_argument("--method", default=fl.FisherConfig().method, choices=sorted(fl.INITIALIZERS))
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--targets", nargs="+", default=ALL_LINEAR, help="as for fisherlora init (default all-linear)")
     args = parser.parse_args(argv)

@@ -187,9 +187,10 @@ class FisherConfig(CollectionConfig):
     """What to collect (see `CollectionConfig`) and how to initialize the adapter.
 
     Attributes:
-        method: initializer name, one of `fisherlora.INITIALIZERS`. The default, `fisher_eig`, is the
-            Fisher variant whose worst validation rank over the text, lm and vision benchmarks is
-            best. See README, "Which variant is the default".
+        method: initializer name, one of `fisherlora.INITIALIZERS`. The default, `fisher_svd`, is the
+            pick of the benchmark's default-method rule on its stage-2 validation metrics: the best
+            mean rank over the text, lm and vision tasks among the Fisher variants never ranked last
+            among them on a task (`bench/default_rule.py`; README, "Which variant is the default").
         damping: relative damping `lambda`: factors become `F + lambda * mean(diag F) * I` before
             any root or inverse (dimensionless).
         options: the method's options dataclass (e.g. `FisherGradOptions(scale="unit")`); `None`
@@ -205,7 +206,7 @@ class FisherConfig(CollectionConfig):
             with every linear layer targeted). It changes no factor.
     """
 
-    method: str = field(default="fisher_eig", metadata={"cli": False})
+    method: str = field(default="fisher_svd", metadata={"cli": False})
     damping: float = field(default=1e-3, metadata={"help": "relative damping of A and G"})
     options: Any = field(default=None, metadata={"cli": False})
     # Added after results existed: "uniform" (what every earlier run did) leaves run ids unchanged.
