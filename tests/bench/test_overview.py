@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from fisherlora.bench.overview import format_overview, mean_ranks, rank_of, write_overview
+from fisherlora.bench.overview import format_overview, in_progress, mean_ranks, rank_of, write_overview
 from fisherlora.bench.results import ResultsFile
 from fisherlora.bench.summary import summarize
 
@@ -87,3 +87,13 @@ def test_regimes_of_one_task_count_once_and_a_running_regime_is_left_out():
     assert mean_ranks(running) == mean_ranks(summarize(_runs("text", TEXT) + _runs("vision", VISION)))
     assert "Left out of the mean ranks while their stage 1 runs: text-long/text (1 of 3 methods so far)." in \
         format_overview(running)
+
+
+def test_a_method_run_on_one_regime_outside_its_presets_plan_leaves_the_other_regime_complete():
+    """The bug: text-long (complete) was left out of the mean ranks because `text` also has a sketch option
+    run by hand (`fisher_svd+sketch64`), outside both presets' plans: more methods than text-long."""
+    extra = {**TEXT, "fisher_svd+sketch64": [0.85, 0.85, 0.85]}
+    long_text = {"lora": [0.95, 0.95, 0.95], "pissa": [0.90, 0.90, 0.90], "fisher_svd": [0.80, 0.80, 0.80]}
+    summaries = summarize(_runs("text", extra) + _regime(_runs("text", long_text), "text-long"))
+    assert in_progress(summaries) == []
+    assert "Left out" not in format_overview(summaries)

@@ -30,19 +30,37 @@ def _scored(summary: TaskSummary) -> list[MethodSummary]:
     return [m for m in summary.methods if m.best_lr is not None and math.isfinite(m.test_mean)]
 
 
-def _methods_per_task(summaries: Sequence[TaskSummary]) -> dict[str, int]:
-    """Per task, the number of methods its fullest regime has run."""
-    most: dict[str, int] = {}
+def _stage_one_plan(summary: TaskSummary) -> set[str] | None:
+    """The methods stage 1 of the summary's preset runs on its task; None for a preset or task the
+    registry does not know (a user's own folder)."""
+    from .presets import get_preset
+
+    try:
+        return {spec.method for spec in get_preset(summary.preset).specs(tasks=[summary.task])}
+    except ValueError:
+        return None
+
+
+def _expected_methods(summaries: Sequence[TaskSummary]) -> dict[int, set[str]]:
+    """Per summary (by id): the methods its task's regimes have run that its own preset plans (every one
+    of them when the plan is unknown). A method run on one regime only by hand, outside its preset's
+    plan (e.g. a sketch option studied on `text` alone), leaves the other regimes complete."""
+    by_task: dict[str, set[str]] = {}
     for summary in summaries:
-        most[summary.task] = max(most.get(summary.task, 0), len(summary.methods))
-    return most
+        by_task.setdefault(summary.task, set()).update(m.method for m in summary.methods)
+    expected = {}
+    for summary in summaries:
+        plan = _stage_one_plan(summary)
+        expected[id(summary)] = by_task[summary.task] & plan if plan is not None else by_task[summary.task]
+    return expected
 
 
 def in_progress(summaries: Sequence[TaskSummary]) -> list[TaskSummary]:
-    """The regimes whose stage 1 has run fewer methods than another regime of the same task (e.g.
-    `text-long` while its LR grid is still running, next to a complete `text`)."""
-    most = _methods_per_task(summaries)
-    return [summary for summary in summaries if len(summary.methods) < most[summary.task]]
+    """The regimes whose stage 1 lacks a method that another regime of the same task has run and their
+    own preset plans (e.g. `text-long` while its LR grid is still running, next to a complete `text`)."""
+    expected = _expected_methods(summaries)
+    return [summary for summary in summaries
+            if expected[id(summary)] - {m.method for m in summary.methods}]
 
 
 def mean_ranks(summaries: Sequence[TaskSummary], split: str = "test") -> dict[str, tuple[float, int]]:
@@ -91,9 +109,10 @@ def format_overview(summaries: Sequence[TaskSummary]) -> str:
     task_ranks = [rank_of({m.method: m.test_mean for m in _scored(s)}) for s in summaries]
     test_ranks, val_ranks = mean_ranks(summaries, "test"), mean_ranks(summaries, "validation")
     labels = [f"{s.label} ({s.metric_name})" for s in summaries]
-    partial, most = in_progress(summaries), _methods_per_task(summaries)
+    partial, expected = in_progress(summaries), _expected_methods(summaries)
     left_out = ("" if not partial else " Left out of the mean ranks while their stage 1 runs: " + "; ".join(
-        f"{s.label} ({len(s.methods)} of {most[s.task]} methods so far)" for s in partial) + ".")
+        f"{s.label} ({len(expected[id(s)] & {m.method for m in s.methods})} of {len(expected[id(s)])} methods "
+        "so far)" for s in partial) + ".")
     lines = [
         "Each cell: test metric at the validation-selected LR, mean over seeds (#rank among the methods "
         "with a result); for a Fisher variant also the paired Δ against that task's best baseline and its "
