@@ -31,36 +31,40 @@ def _scored(summary: TaskSummary) -> list[MethodSummary]:
 
 
 def _stage_one_plan(summary: TaskSummary) -> set[str] | None:
-    """The methods stage 1 of the summary's preset runs on its task; None for a preset or task the
-    registry does not know (a user's own folder)."""
+    """The methods stage 1 of the summary's preset runs on its task (`TaskPlan.methods`); None for a
+    preset or task the registry does not know (a user's own folder)."""
     from .presets import get_preset
 
     try:
-        return {spec.method for spec in get_preset(summary.preset).specs(tasks=[summary.task])}
+        preset = get_preset(summary.preset)
     except ValueError:
         return None
+    plan = preset.tasks.get(summary.task)
+    return set(plan.methods(preset.methods)) if plan is not None else None
 
 
-def _expected_methods(summaries: Sequence[TaskSummary]) -> dict[int, set[str]]:
-    """Per summary (by id): the methods its task's regimes have run that its own preset plans (every one
-    of them when the plan is unknown). A method run on one regime only by hand, outside its preset's
-    plan (e.g. a sketch option studied on `text` alone), leaves the other regimes complete."""
+def _running(summaries: Sequence[TaskSummary]) -> list[tuple[TaskSummary, set[str], set[str]]]:
+    """`(summary, methods it has run, methods expected of it)` of each regime still running: expected are
+    the methods its task's regimes have run that its own preset plans (every one of them when the plan
+    is unknown), so a method run on one regime only by hand, outside its preset's plan (e.g. a sketch
+    option studied on `text` alone), leaves the other regimes complete."""
     by_task: dict[str, set[str]] = {}
     for summary in summaries:
         by_task.setdefault(summary.task, set()).update(m.method for m in summary.methods)
-    expected = {}
+    running = []
     for summary in summaries:
         plan = _stage_one_plan(summary)
-        expected[id(summary)] = by_task[summary.task] & plan if plan is not None else by_task[summary.task]
-    return expected
+        expected = by_task[summary.task] & plan if plan is not None else by_task[summary.task]
+        have = {m.method for m in summary.methods}
+        if expected - have:
+            running.append((summary, have, expected))
+    return running
 
 
 def in_progress(summaries: Sequence[TaskSummary]) -> list[TaskSummary]:
     """The regimes whose stage 1 lacks a method that another regime of the same task has run and their
     own preset plans (e.g. `text-long` while its LR grid is still running, next to a complete `text`)."""
-    expected = _expected_methods(summaries)
-    return [summary for summary in summaries
-            if expected[id(summary)] - {m.method for m in summary.methods}]
+    return [summary for summary, _, _ in _running(summaries)]
 
 
 def mean_ranks(summaries: Sequence[TaskSummary], split: str = "test") -> dict[str, tuple[float, int]]:
@@ -109,10 +113,10 @@ def format_overview(summaries: Sequence[TaskSummary]) -> str:
     task_ranks = [rank_of({m.method: m.test_mean for m in _scored(s)}) for s in summaries]
     test_ranks, val_ranks = mean_ranks(summaries, "test"), mean_ranks(summaries, "validation")
     labels = [f"{s.label} ({s.metric_name})" for s in summaries]
-    partial, expected = in_progress(summaries), _expected_methods(summaries)
-    left_out = ("" if not partial else " Left out of the mean ranks while their stage 1 runs: " + "; ".join(
-        f"{s.label} ({len(expected[id(s)] & {m.method for m in s.methods})} of {len(expected[id(s)])} methods "
-        "so far)" for s in partial) + ".")
+    running = _running(summaries)
+    left_out = ("" if not running else " Left out of the mean ranks while their stage 1 runs: " + "; ".join(
+        f"{s.label} ({len(expected & have)} of {len(expected)} methods so far)" for s, have, expected in running)
+        + ".")
     lines = [
         "Each cell: test metric at the validation-selected LR, mean over seeds (#rank among the methods "
         "with a result); for a Fisher variant also the paired Δ against that task's best baseline and its "
