@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 lint: venv
-	$(BIN)/ruff check src tests examples
+	$(BIN)/ruff check src tests examples scripts
 	$(BIN)/mypy src
 
 test: lint
