@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -122,8 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
     init = commands.add_parser("init", help="initialize a LoRA adapter for a causal LM or a sequence classifier")
     init.add_argument("--model", required=True, help="model folder (config.json, weights, tokenizer)")
     init.add_argument("--data", required=True, help="causal-lm: JSONL or CSV of prompt/completion or messages "
-                      "records; seq-cls: CSV with a text and a label column (.bz2/.gz accepted)")
-    init.add_argument("--out", required=True, help="output folder (replaced atomically)")
+                      "records; seq-cls: CSV with a text and a label column, or JSONL with those fields "
+                      "(.bz2/.gz accepted)")
+    init.add_argument("--out", required=True, help="output folder, replaced as a whole when complete: new, empty, "
+                      "or a previous output (a folder with other files is refused)")
     init.add_argument("--task", choices=TASKS, default=None,
                       help="default: causal-lm when config.json names a *ForCausalLM/*LMHeadModel, else seq-cls")
     init.add_argument("--rank", type=int, default=None, help=_defaults_help("rank"))
@@ -140,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
                       "longer one is an error, never truncated; seq-cls: texts are truncated); "
                       + _defaults_help("max_length"))
     init.add_argument("--seed", type=int, default=None, help="seed of a new classification head")
-    seq_cls = init.add_argument_group("seq-cls data (CSV columns)")
+    seq_cls = init.add_argument_group("seq-cls data (CSV columns or JSONL fields)")
     seq_cls.add_argument("--text-column", default=None, help=_defaults_help_one("seq-cls", "text_column"))
     seq_cls.add_argument("--label-column", default=None, help=_defaults_help_one("seq-cls", "label_column"))
     causal = init.add_argument_group("causal-lm data (JSONL/CSV fields)")
@@ -167,7 +170,13 @@ def _add_bench_commands(commands: argparse._SubParsersAction) -> None:
     add_bench_commands(commands)
 
 
+# transformers 5 deprecates the name PEFT still calls on every model it wraps: the warning is not for
+# this command's user, who can do nothing about it, and it would open every command's output.
+_THIRD_PARTY_DEPRECATION = r"`is_gradient_checkpointing` is deprecated"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    warnings.filterwarnings("ignore", message=_THIRD_PARTY_DEPRECATION, category=FutureWarning)
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # the command line, written with results
@@ -176,6 +185,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, TypeError, FileNotFoundError) as error:
         print(f"fisherlora {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # Every write is atomic (a finished benchmark run is in runs.jsonl, an output folder is whole
+        # or absent): a stop loses only the work in progress, and `bench` resumes where it stopped.
+        print(f"fisherlora {args.command}: interrupted; what was finished is kept"
+              + (" (run the same command again to resume)" if args.command == "bench" else ""), file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

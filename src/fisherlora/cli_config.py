@@ -10,6 +10,7 @@ defaults and help are declared once (on the dataclass fields) and never restated
 from __future__ import annotations
 
 import argparse
+import re
 import typing
 from dataclasses import MISSING, Field, fields
 from typing import Any
@@ -53,7 +54,8 @@ def add_fisher_arguments(parser: argparse.ArgumentParser, entries: list[MethodEn
         entries: the methods `--method` may name (their options classes give the option flags).
     """
     parser.add_argument("--method", default=FisherConfig.method, choices=[entry.name for entry in entries],
-                        help=f"initialization method (default: {FisherConfig.method}; `fisherlora methods` lists them)")
+                        help=f"initialization method (default: {FisherConfig.method}); `fisherlora methods` "
+                        "describes them: those marked [peft] are PEFT's own and run in `fisherlora bench` only")
     group = parser.add_argument_group("statistics and damping")
     for item, field_type in _cli_fields(FisherConfig):
         flag = item.metadata.get("flag", "--" + item.name.replace("_", "-"))
@@ -111,5 +113,17 @@ def fisher_config_from_arguments(args: argparse.Namespace, entries: list[MethodE
             flag = f"--{options_class.flag_prefix}-{next(iter(given)).replace('_', '-')}"  # type: ignore[attr-defined]
             raise ValueError(f"{flag} is an option of {[e.name for e in entries if e.options is options_class]}, "
                              f"not of --method {args.method}")
-    return FisherConfig(method=args.method, progress=not args.no_progress, options=options, **values)
+    try:
+        return FisherConfig(method=args.method, progress=not args.no_progress, options=options, **values)
+    except ValueError as error:
+        raise ValueError(_with_flags(str(error))) from None
+
+
+def _with_flags(message: str) -> str:
+    """`message` with each `FisherConfig.<field>` it names spelled as the field's flag (`--batches`,
+    not `FisherConfig.num_batches`): on the command line the flag is what the user typed."""
+    for item, _ in _cli_fields(FisherConfig):
+        flag = item.metadata.get("flag", "--" + item.name.replace("_", "-"))
+        message = re.sub(rf"\bFisherConfig\.{item.name}\b", flag, message)
+    return message
 

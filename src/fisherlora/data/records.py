@@ -161,3 +161,29 @@ def read_labeled_csv(path: str | Path, text_column: str, label_column: str) -> t
     """
     texts, labels = read_csv_columns(path, [text_column, label_column])
     return texts, labels
+
+
+def read_labeled_examples(path: str | Path, text_field: str, label_field: str) -> tuple[list[str], list[str]]:
+    """``(texts, labels)`` from a CSV with a header row (``read_labeled_csv``) or, for a ``.jsonl``/``.json``
+    name, a JSON Lines file whose objects hold both fields (labels as strings: ``1`` and ``"1"`` are
+    one class).
+
+    Raises:
+        ValueError: a missing file, column or field (naming the line and the fields present), or a
+            text that is not a string.
+    """
+    if Path(path).name.lower().removesuffix(".bz2").removesuffix(".gz").endswith(JSONL_SUFFIXES):
+        texts, labels = [], []
+        for record in read_records(path):
+            for name in (text_field, label_field):
+                if name not in record.fields:
+                    raise ValueError(f"{path}: line {record.line}: no field {name!r}; fields present: "
+                                     f"{list(record.fields)}")
+            text = record.fields[text_field]
+            if not isinstance(text, str):
+                raise ValueError(f"{path}: line {record.line}: field {text_field!r} must be a string, "
+                                 f"got {type(text).__name__}")
+            texts.append(text)
+            labels.append(str(record.fields[label_field]))
+        return texts, labels
+    return read_labeled_csv(path, text_field, label_field)

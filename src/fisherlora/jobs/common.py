@@ -4,6 +4,7 @@ folder, task type, targets), the LoRA model, the initialization, and the atomic 
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -64,6 +65,11 @@ class InitJob:
     seed: int = 0
     fisher: FisherConfig = field(default_factory=FisherConfig)
 
+    def __post_init__(self) -> None:
+        # Absolute paths: `--out .` has no folder name to stage beside, and report.json records
+        # where the data and the outputs were whatever the working directory was.
+        self.data, self.out = os.path.abspath(self.data), os.path.abspath(self.out)
+
     @property
     def lora_alpha(self) -> int:
         return self.alpha if self.alpha is not None else 2 * self.rank
@@ -75,10 +81,43 @@ class InitJob:
         for name in ("rank", "batch_size", "max_length"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.alpha is not None and self.alpha <= 0:
+            raise ValueError(f"--alpha must be > 0 (the LoRA scaling is alpha / rank), got {self.alpha}")
         get_initializer(self.fisher.method)
+        check_output_folder(self.out, {"--model": self.model, "--data": self.data})
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "fisher": self.fisher.to_dict()}
+
+
+OUTPUT_NAMES = frozenset({"adapter", "stats.safetensors", "residual_model", "report.json"})
+"""What `write_outputs` puts in the output folder: a folder holding only these is a previous output."""
+
+
+def check_output_folder(out: str | Path, inputs: dict[str, str | Path]) -> None:
+    """Refuse an output folder whose replacement would delete something `init` did not write.
+
+    `write_outputs` replaces the whole folder, so it must be new, empty, or a previous output
+    (only `OUTPUT_NAMES` in it), and must not hold an input (`inputs`: flag -> path).
+
+    Raises:
+        ValueError: `out` is a file, holds other entries (the first few are named), or holds an input.
+    """
+    folder = Path(os.path.abspath(out))
+    for flag, path in inputs.items():
+        place = Path(os.path.abspath(path))
+        if place == folder or folder in place.parents:
+            raise ValueError(f"--out {folder} would replace the folder that holds {flag} {place}: "
+                             "give an output folder outside it")
+    if not folder.exists():
+        return
+    if not folder.is_dir():
+        raise ValueError(f"--out {folder} is a file, not a folder")
+    foreign = sorted(entry.name for entry in folder.iterdir() if entry.name not in OUTPUT_NAMES)
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise ValueError(f"--out {folder} holds files that fisherlora init did not write ({shown}); the output "
+                         "folder is replaced as a whole, so give a new or empty folder or a previous output")
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -162,7 +201,12 @@ def summarize_names(names: list[str]) -> str:
 
 
 def check_targets(model: nn.Module, targets: str | list[str], model_dir: str | Path) -> None:
-    """Refuse targets that match no module, listing the linear layers the model has."""
+    """Refuse targets of which any name (or the one regular expression) matches no module, naming
+    it and listing the linear layers the model has.
+
+    Each name is checked on its own: PEFT refuses only targets of which none matches, and drops a
+    misspelled name beside a correct one without a word.
+    """
     from peft import LoraConfig
     from peft.tuners.lora import LoraModel
 
@@ -171,11 +215,21 @@ def check_targets(model: nn.Module, targets: str | list[str], model_dir: str | P
         if not linear:
             raise ValueError(f"--targets all-linear: the model in {model_dir} has no nn.Linear or Conv1D layer")
         return
-    probe = LoraConfig(target_modules=targets)
-    if not any(name and LoraModel._check_target_module_exists(probe, name) for name, _ in model.named_modules()):
-        shown = " ".join(targets) if isinstance(targets, list) else targets
-        raise ValueError(f"--targets {shown} match no module of the model in {model_dir}; "
-                         f"its linear layers are: {summarize_names(linear)}")
+    names = [name for name, _ in model.named_modules() if name]
+
+    def matches(target_modules: str | list[str]) -> bool:
+        probe = LoraConfig(target_modules=target_modules)
+        return any(LoraModel._check_target_module_exists(probe, name) for name in names)
+
+    unmatched = ([targets] if not matches(targets) else []) if isinstance(targets, str) else [
+        name for name in targets if not matches([name])]
+    if not unmatched:
+        return
+    shown = " ".join(targets) if isinstance(targets, list) else targets
+    which = "match no module" if unmatched == ([targets] if isinstance(targets, str) else targets) else (
+        f"include {' '.join(unmatched)}, which {'matches' if len(unmatched) == 1 else 'match'} no module")
+    raise ValueError(f"--targets {shown} {which} of the model in {model_dir}; "
+                     f"its linear layers are: {summarize_names(linear)}")
 
 
 def lora_model(base: Any, job: InitJob, targets: str | list[str], task_type: str) -> Any:

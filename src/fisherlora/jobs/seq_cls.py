@@ -1,4 +1,4 @@
-"""The `fisherlora init` job for sequence classification: a model folder plus a labeled CSV in, an
+"""The `fisherlora init` job for sequence classification: a model folder plus a labeled CSV or JSONL file in, an
 initialized adapter (with a new or the trained classification head), its residual base model and
 the statistics out."""
 
@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from ..data.records import read_labeled_csv
+from ..data.records import read_labeled_examples
 from .common import (
     InitJob,
     check_targets,
@@ -29,8 +29,9 @@ class SeqClsInitJob(InitJob):
     """`fisherlora init` on a sequence classifier (`AutoModelForSequenceClassification`).
 
     Attributes (besides `InitJob`'s):
-        data: CSV file (optionally .bz2/.gz) with a header row.
-        text_column, label_column: column names.
+        data: CSV file with a header row, or a JSON Lines file (`.jsonl`/`.json`) of objects; either
+            optionally .bz2/.gz.
+        text_column, label_column: column (JSONL: field) names.
     """
 
     targets: list[str] | None = field(default_factory=lambda: ["query", "value"])
@@ -85,7 +86,7 @@ def _batches(tokenizer: Any, texts: list[str], labels: list[int], batch_size: in
 
 
 def run_seq_cls_init(job: SeqClsInitJob) -> dict[str, Any]:
-    """Collect statistics on the CSV, initialize a LoRA adapter, and write the output folder:
+    """Collect statistics on the labeled data, initialize a LoRA adapter, and write the output folder:
 
     - `adapter/`: the initialized PEFT adapter (with the new classification head); it applies to
     - `residual_model/`: the base model whose targeted weights hold `W - s B A`, plus its tokenizer;
@@ -102,7 +103,7 @@ def run_seq_cls_init(job: SeqClsInitJob) -> dict[str, Any]:
     job.check()
     targets = parse_targets(job.targets or [])
     config = model_config(job.model)
-    texts, raw_labels = read_labeled_csv(job.data, job.text_column, job.label_column)
+    texts, raw_labels = read_labeled_examples(job.data, job.text_column, job.label_column)
     if not texts:
         raise ValueError(f"{job.data} has no rows")
     labels, mapping = _label_ids(raw_labels, config, job.data, job.label_column)
