@@ -215,3 +215,13 @@ def test_a_low_precision_residual_is_reported_and_warned_about(dtype: torch.dtyp
     reports = fl.initialize_lora_fisher(stepped, lm_batches(count=2, vocab=40),
                                         fl.FisherConfig(method="fisher_step", progress=False))
     assert {report.residual_rounding for report in reports} == {None}
+
+
+def test_a_data_free_method_does_not_claim_a_fisher(llama_dir: Path, data: Path, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]):
+    # It printed "with milora (empirical Fisher) on 8 examples" though no statistic was collected.
+    assert run_init(llama_dir, data, tmp_path / "out", "--method", "milora") == 0
+    printed = capsys.readouterr().out
+    assert "with milora (data-free: no statistics collected)" in printed and "Fisher)" not in printed
+    assert run_init(llama_dir, data, tmp_path / "out", "--batches", "1") == 0
+    assert "with fisher_svd (empirical Fisher) on 4 examples" in capsys.readouterr().out

@@ -95,8 +95,10 @@ def _command_init(args: argparse.Namespace) -> int:
                                **{name: value for name, value in values.items() if value is not None})
     summary = run_causal_lm_init(job) if task == "causal-lm" else run_seq_cls_init(job)
     layers = summary["layers"]
-    print(f"initialized {len(layers)} layers of a {task} model with {job.fisher.method} ({job.fisher.fisher} Fisher) "
-          f"on {summary['examples']} examples; wrote {', '.join(summary['outputs'])} to {job.out}")
+    source = (f"({job.fisher.fisher} Fisher) on {summary['examples']} examples"
+              if "stats.safetensors" in summary["outputs"] else "(data-free: no statistics collected)")
+    print(f"initialized {len(layers)} layers of a {task} model with {job.fisher.method} {source}; "
+          f"wrote {', '.join(summary['outputs'])} to {job.out}")
     energies = [layer["captured_energy"] for layer in layers if layer["captured_energy"] is not None]
     if len(layers) > MAX_PRINTED_LAYERS:
         if energies:

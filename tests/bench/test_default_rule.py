@@ -21,6 +21,9 @@ from .records import make_run
 RESULTS = Path(__file__).resolve().parents[2] / "results"
 
 
+TASKS = ("text", "vision")  # the synthetic results' tasks: the rule covers these here
+
+
 def _runs(task: str, validation: dict[str, float], seeds: int = 3, preset: str | None = None,
           stage_two: bool = True) -> list[dict[str, Any]]:
     """Stage 1 (every method best at LR 1e-3 on validation) and, unless ``stage_two`` is False, stage 2 at
@@ -51,7 +54,7 @@ def _three_tasks(seeds: int = 3) -> list[dict[str, Any]]:
 
 
 def test_ranks_by_hand_regimes_averaged_and_last_ruled_out() -> None:
-    choice = choose_default(summarize(_three_tasks()), seeds_needed=3)
+    choice = choose_default(summarize(_three_tasks()), seeds_needed=3, tasks=TASKS)
     by_method = {c.method: c for c in choice.candidates}
     assert dict(by_method["fisher_svd"].task_ranks) == {"text": 3.0, "vision": 2.0}
     assert dict(by_method["fisher_eig"].task_ranks) == {"text": 3.0, "vision": 3.0}
@@ -66,7 +69,7 @@ def test_ranks_by_hand_regimes_averaged_and_last_ruled_out() -> None:
 def test_no_pick_when_every_variant_is_last_somewhere() -> None:
     runs = [*_runs("text", {"lora": 0.80, "fisher_eig": 0.79, "fisher_svd": 0.70}),
             *_runs("vision", {"gaussian": 0.90, "fisher_eig": 0.80, "fisher_svd": 0.89})]
-    choice = choose_default(summarize(runs), seeds_needed=3)
+    choice = choose_default(summarize(runs), seeds_needed=3, tasks=TASKS)
     assert choice.pick is None and all(c.last_on for c in choice.candidates)
     assert "picks none" in format_default_choice(choice)
 
@@ -76,7 +79,7 @@ def test_pick_is_the_best_mean_rank_never_last() -> None:
             *_runs("vision", {"gaussian": 0.90, "fisher_eig": 0.80, "fisher_svd": 0.89, "fisher_zero": 0.85})]
     # text: eig 2, zero 3, svd 4 (last); vision: svd 2, zero 3, eig 4 (last) -> zero (mean 3) is the pick
     # although svd and eig have the same mean rank.
-    choice = choose_default(summarize(runs), seeds_needed=3)
+    choice = choose_default(summarize(runs), seeds_needed=3, tasks=TASKS)
     assert {c.method: c.mean_rank for c in choice.candidates} == {"fisher_eig": 3.0, "fisher_svd": 3.0,
                                                                   "fisher_zero": 3.0}
     assert {c.method: c.last_on for c in choice.candidates} == {
@@ -92,7 +95,7 @@ def test_incomplete_stage_two_is_named_and_keeps_the_pick_provisional() -> None:
             *_runs("vision", {"gaussian": 0.9, "fisher_eig": 0.85, "fisher_svd": 0.8}, seeds=3)]
     vision_tune = [r for r in _runs("vision", {"fisher_grad": 0.5, "fisher_zero+source=weight": 0.5},
                                     stage_two=False)]
-    choice = choose_default(summarize(runs + vision_tune), seeds_needed=3)
+    choice = choose_default(summarize(runs + vision_tune), seeds_needed=3, tasks=TASKS)
     assert not choice.complete
     reasons = " / ".join(choice.incomplete)
     assert "text-long/text: no stage-2 runs" in reasons
@@ -109,7 +112,8 @@ def test_library_default_follows_fisher_config(monkeypatch: pytest.MonkeyPatch) 
     changed = replace(FisherConfig(), method="fisher_svd", rank_allocation="fisher", fisher="true")
     monkeypatch.setattr("fisherlora.bench.default_rule.FisherConfig", lambda: changed)
     assert library_default() == "fisher_svd+alloc@true"
-    choice = replace(choose_default(summarize(_three_tasks()), seeds_needed=3), library_default=library_default())
+    choice = replace(choose_default(summarize(_three_tasks()), seeds_needed=3, tasks=TASKS),
+                     library_default=library_default())
     assert not choice.pick_is_default  # fisher_svd without +alloc@true
     assert replace(choice, pick="fisher_svd+alloc@true").pick_is_default
 
@@ -129,3 +133,13 @@ def test_committed_default_follows_the_rule_once_stage_two_is_complete() -> None
         pytest.skip("stage 2 not complete: " + "; ".join(choice.incomplete))
     assert choice.pick_is_default, (f"the default-method rule picks {choice.pick} on the committed stage 2; "
                                     f"FisherConfig() runs {choice.library_default}")
+
+
+def test_a_report_of_some_tasks_gives_no_default_advice() -> None:
+    # One task folder ranks the variants on that task only: `fisherlora report results/text` used to
+    # end with "change the default" for the text task's own pick.
+    runs = [*_runs("text", {"lora": 0.80, "fisher_eig": 0.79, "fisher_svd": 0.70, "fisher_zero": 0.75}),
+            *_runs("vision", {"gaussian": 0.90, "fisher_eig": 0.80, "fisher_svd": 0.89, "fisher_zero": 0.85})]
+    choice = choose_default(summarize(runs), seeds_needed=3)  # the rule's own tasks: text, lm and vision
+    assert not choice.complete and choice.incomplete[0] == "no stage-2 results of lm (the rule covers text, lm, vision)"
+    assert "change the default" not in format_default_choice(choice)

@@ -85,7 +85,8 @@ def test_count_only_prints_the_arithmetic_and_times_nothing(monkeypatch: pytest.
     lines = capsys.readouterr().out.splitlines()
     assert [line.split(" | ")[0] for line in lines[2:5]] == ["| lora_ga", "| fisher_zero", "| floor"]
     assert lines[2].endswith("| 1.00 | 1.50 |") and lines[4].endswith("| 0.67 | 1.00 |")
-    assert lines[-1].startswith("arith.: multiply-adds per token")
+    assert lines[-3].startswith("arith.: multiply-adds per token")
+    assert lines[-1] == ("Not counted: pissa (only the floor, lora_ga and the methods with Fisher statistics are).")
     assert main(["bench-init", "--count-only", "--methods", "pissa", "--no-floor", "--batches", "1"]) == 2
     assert "none of ['pissa'] is counted" in capsys.readouterr().err
     assert main(["bench-init", "--count-only", "--readme", "README.md"]) == 2

@@ -314,7 +314,7 @@ def command_init_cost(args: argparse.Namespace) -> int:
                             targets=ALL_LINEAR if args.targets == [ALL_LINEAR] else args.targets,
                             command=shlex.join(["fisherlora", *args.argv]))
     if args.count_only:
-        print(format_work_per_token(count_init_work(config)))
+        print(format_work_per_token(count_init_work(config), config.methods))
         return 0
     print(format_init_cost(run_init_cost(config, args.out)))
     if args.readme:

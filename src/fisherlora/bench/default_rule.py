@@ -9,7 +9,8 @@ task (behind at least one other) is ruled out, since a default must not be the w
 anywhere; of the others, the one with the best mean rank over tasks is the pick (ties: the first in
 display order).
 
-The pick is provisional until stage 2 is complete: every regime with stage-1 runs has stage-2 runs,
+The pick is provisional until stage 2 is complete: every benchmark task has stage-2 runs (a report
+of one task does not pick the library's default), every regime with stage-1 runs has stage-2 runs,
 every method compared in stage 1 runs in stage 2 (but the stage-1 studies of an option or a
 sketch), and every stage-2 method has the evaluation seeds the verdict asks for
 (:class:`.stages.EvalStage`).
@@ -93,9 +94,11 @@ def _planned(method: str) -> bool:
     return is_compared(method) and not parsed.options and parsed.sketch_rank is None
 
 
-def _incomplete(summaries: Sequence[TaskSummary], seeds_needed: int) -> list[str]:
-    reasons = []
+def _incomplete(summaries: Sequence[TaskSummary], seeds_needed: int, tasks: Sequence[str]) -> list[str]:
     evals = {(s.preset, s.task): s for s in summaries if s.stage == "eval"}
+    absent = [task for task in tasks if task not in {task for _, task in evals}]
+    # A report of some tasks only ranks the variants on those: the rule is over every task.
+    reasons = [f"no stage-2 results of {', '.join(absent)} (the rule covers {', '.join(tasks)})"] if absent else []
     for tune in (s for s in summaries if s.stage == "tune"):
         stage_two = evals.get((tune.preset, tune.task))
         if stage_two is None:
@@ -120,7 +123,8 @@ def _last(method: str, candidate_ranks: list[float], ranks: dict[str, float]) ->
     return ranks[method] == max(candidate_ranks) > min(candidate_ranks)
 
 
-def choose_default(summaries: Sequence[TaskSummary], seeds_needed: int | None = None) -> DefaultChoice:
+def choose_default(summaries: Sequence[TaskSummary], seeds_needed: int | None = None,
+                   tasks: Sequence[str] | None = None) -> DefaultChoice:
     """The default-method rule on the stage-2 summaries among ``summaries`` (stage-1 ones only say
     which regimes stage 2 must cover).
 
@@ -128,25 +132,30 @@ def choose_default(summaries: Sequence[TaskSummary], seeds_needed: int | None = 
         summaries: task summaries of every results folder (:func:`.summary.summarize`).
         seeds_needed: evaluation seeds per method for stage 2 to count as complete (default: as many
             as `EvalStage` plans).
+        tasks: the tasks the rule covers; stage 2 is incomplete while one has no stage-2 results
+            (default: those of the `full` preset, every benchmark task).
     """
+    from .presets import PRESETS
+
     needed = len(EvalStage().seeds) if seeds_needed is None else seeds_needed
+    covered = tuple(PRESETS["full"].tasks) if tasks is None else tuple(tasks)
     regime_ranks: dict[str, dict[str, list[float]]] = {}
     for summary in (s for s in summaries if s.stage == "eval"):
         for method, rank in rank_of(_scored_validation(summary)).items():
             regime_ranks.setdefault(summary.task, {}).setdefault(method, []).append(rank)
-    tasks = {task: {method: float(np.mean(ranks)) for method, ranks in by_method.items()}
-             for task, by_method in regime_ranks.items()}
-    ours = [m for m in method_order({m for ranks in tasks.values() for m in ranks}) if not is_baseline(m)]
-    eligible = [m for m in ours if tasks and all(m in ranks for ranks in tasks.values())]
+    by_task = {task: {method: float(np.mean(ranks)) for method, ranks in by_method.items()}
+               for task, by_method in regime_ranks.items()}
+    ours = [m for m in method_order({m for ranks in by_task.values() for m in ranks}) if not is_baseline(m)]
+    eligible = [m for m in ours if by_task and all(m in ranks for ranks in by_task.values())]
     candidates = [Candidate(
-        method=m, task_ranks=tuple((task, ranks[m]) for task, ranks in tasks.items()),
-        mean_rank=float(np.mean([ranks[m] for ranks in tasks.values()])),
-        last_on=tuple(task for task, ranks in tasks.items() if _last(m, [ranks[c] for c in eligible], ranks)),
+        method=m, task_ranks=tuple((task, ranks[m]) for task, ranks in by_task.items()),
+        mean_rank=float(np.mean([ranks[m] for ranks in by_task.values()])),
+        last_on=tuple(task for task, ranks in by_task.items() if _last(m, [ranks[c] for c in eligible], ranks)),
     ) for m in eligible]
     ordered = sorted(candidates, key=lambda c: c.mean_rank)  # stable: display order breaks ties
     pick = next((c.method for c in ordered if not c.last_on), None)
     return DefaultChoice(candidates=tuple(ordered), pick=pick, library_default=library_default(),
-                         incomplete=tuple(_incomplete(summaries, needed)))
+                         incomplete=tuple(_incomplete(summaries, needed, covered)))
 
 
 def format_default_choice(choice: DefaultChoice) -> str:

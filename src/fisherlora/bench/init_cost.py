@@ -229,8 +229,9 @@ def count_init_work(config: InitCostConfig) -> dict[str, Any]:
     return work
 
 
-def format_work_per_token(work: dict[str, Any]) -> str:
-    """The markdown table of `work_per_token` (millions of multiply-adds per token) and its legend."""
+def format_work_per_token(work: dict[str, Any], requested: list[str] | None = None) -> str:
+    """The markdown table of `work_per_token` (millions of multiply-adds per token) and its legend, and
+    which of the `requested` methods it does not count."""
     lines = ["| method | multiply-adds per token (M) | factor sums (M) | mean gradient (M) | arith. x LoRA-GA "
              "| arith. x floor |", "|---" * 6 + "|"]
     for method, entry in work["methods"].items():
@@ -238,7 +239,15 @@ def format_work_per_token(work: dict[str, Any]) -> str:
                            for key in ("multiply_adds", "factors", "grad_mean")),
                  _number(entry["arithmetic_to_lora_ga"]), _number(entry["arithmetic_to_floor"])]
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join([*lines, "", _work_legend(work)])
+    return "\n".join([*lines, "", _work_legend(work), *_uncounted(work, requested)])
+
+
+def _uncounted(work: dict[str, Any], requested: list[str] | None) -> list[str]:
+    """A line naming the requested methods the count leaves out (PEFT's other initializers: their
+    passes are not this project's statistics), so that none disappears without a word."""
+    left_out = [method for method in requested or [] if method not in work["methods"]]
+    return ["", f"Not counted: {', '.join(left_out)} (only the floor, lora_ga and the methods with Fisher "
+                "statistics are)."] if left_out else []
 
 
 def run_init_cost(config: InitCostConfig, out: str | os.PathLike[str] | None = None) -> dict[str, Any]:
