@@ -43,3 +43,23 @@ def add_list_argument(parser: argparse.ArgumentParser, flag: str, convert: Calla
                       keep_whole: Callable[[str], bool] | None = None, **options: Any) -> None:
     """`parser.add_argument(flag, nargs="+", ...)` whose values may also be comma-separated."""
     parser.add_argument(flag, nargs="+", type=comma_list(convert, keep_whole), action=_Concatenate, **options)
+
+
+def non_negative_int(text: str) -> int:
+    """An argparse `type`: an integer >= 0 (a seed)."""
+    value = int(text)
+    if value < 0:
+        raise ValueError(text)
+    return value
+
+
+def positive_float(text: str) -> float:
+    """An argparse `type`: a finite float > 0 (a learning rate)."""
+    value = float(text)
+    if not 0 < value < float("inf"):
+        raise ValueError(text)
+    return value
+
+
+non_negative_int.__name__ = "non-negative int"  # argparse: "invalid non-negative int value: '-1'"
+positive_float.__name__ = "positive float"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -82,3 +83,20 @@ def staged_directory(path: str | os.PathLike[str], keep_existing: bool = False) 
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def files_sha256(*paths: str | os.PathLike[str]) -> str:
+    """The sha256 (hex) of the files' contents, in order: what a run id records of a user's data, so
+    that an edited file gives new runs (its name would not).
+
+    Raises:
+        FileNotFoundError: a path that is not a file (named).
+    """
+    digest = hashlib.sha256()
+    for path in paths:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"data file {path} does not exist")
+        with open(path, "rb") as stream:
+            for chunk in iter(lambda: stream.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()

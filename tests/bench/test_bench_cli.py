@@ -55,8 +55,8 @@ def test_every_list_option_takes_commas_or_spaces():
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["bench", "--seeds", "0,x"], "invalid int value: '0,x'"),
-    (["bench", "--lrs", "1e-3,fast"], "invalid float value: '1e-3,fast'"),
+    (["bench", "--seeds", "0,x"], "invalid non-negative int value: '0,x'"),
+    (["bench", "--lrs", "1e-3,fast"], "invalid positive float value: '1e-3,fast'"),
     (["bench", "--methods", ","], "argument --methods: expected at least one value"),
     (["bench", "--preset", "nope"], "invalid choice: 'nope'"),
     (["bench-init", "--task", "nope"], "invalid choice: 'nope'"),

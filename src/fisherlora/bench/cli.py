@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+import math
+import os
+import sys
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from ..arguments import add_list_argument
+from ..arguments import add_list_argument, non_negative_int, positive_float
+from ..files import files_sha256
 
 # `bench-init` also takes NAME+sketch: NAME with the sketch size of --sketch-rank/--sketch-threshold.
 INIT_COST_SKETCH = "+sketch"
@@ -43,9 +47,9 @@ def add_bench_commands(commands: Any) -> None:
                       help="subset of methods, separated by spaces or commas (e.g. lora,pissa,fisher_svd,"
                            "fisher_zero+source=gradient)")
     add_list_argument(bench, "--tasks", default=None, help="subset of the preset's tasks")
-    add_list_argument(bench, "--seeds", int, default=None,
+    add_list_argument(bench, "--seeds", non_negative_int, default=None,
                       help="subset of seeds (default: the preset's stage-1 seeds; stage 2: 100-109)")
-    add_list_argument(bench, "--lrs", float, default=None, help="replace the preset's LR grid")
+    add_list_argument(bench, "--lrs", positive_float, default=None, help="replace the preset's LR grid")
     bench.add_argument("--model", default=None, help="bring your own: a sequence-classification model folder")
     bench.add_argument("--data", default=None, help="bring your own: CSV with text and label columns")
     bench.add_argument("--test-data", default=None, help="bring your own: separate test CSV")
@@ -116,8 +120,13 @@ def _byo_preset(args: argparse.Namespace) -> Any:
     if args.model is None or args.data is None:
         raise ValueError("bring your own data needs both --model DIR and --data FILE.csv")
     text_plan = get_preset("text").tasks["text"]
-    options: dict[str, Any] = {"model_dir": args.model, "train_csv": args.data, "test_csv": args.test_data,
-                               "text_column": args.text_column, "label_column": args.label_column}
+    # Absolute paths and the files' contents in the run ids: the same file named from another folder
+    # is the same run, an edited file (same name) a new one, whose runs must not be taken as done.
+    data_files = [os.path.abspath(args.data), *([os.path.abspath(args.test_data)] if args.test_data else [])]
+    options: dict[str, Any] = {"model_dir": os.path.abspath(args.model), "train_csv": data_files[0],
+                               "test_csv": data_files[1] if args.test_data else None,
+                               "text_column": args.text_column, "label_column": args.label_column,
+                               "data_sha256": files_sha256(*data_files)}
     if args.targets:
         options["target_modules"] = tuple(args.targets)
     plan = replace(text_plan, options=options)
@@ -193,7 +202,8 @@ def command_bench(args: argparse.Namespace) -> int:
     if args.plan:
         print(plan_table(specs, done, running_ids))
         return 0
-    run_all(specs, results, task_factory)
+    check_calibration_sizes([spec for spec in specs if spec.run_id() not in done], task_factory)
+    records = run_all(specs, results, task_factory)
     if process_rank()[0] != 0:  # under DDP only rank 0 reports (run_all already waited for the file)
         return 0
     runs = [record for record in results.records() if record.get("preset") == preset.name]
@@ -204,7 +214,43 @@ def command_bench(args: argparse.Namespace) -> int:
             print(f"report: not written, {running} run(s) still running in other processes sharing {out}")
         else:
             print(f"report: {write_report(out)}")
+    failed = [record for record in records if record.get("error")]
+    if failed:
+        print(f"{len(failed)} of the {len(records)} runs made by this command failed (their `error` in "
+              f"{results.path}); the first: {failed[0]['run_id']}: {failed[0]['error']}", file=sys.stderr)
+        return 1
     return 0
+
+
+def check_calibration_sizes(specs: list[Any], task_factory: Callable[[Any], Any]) -> None:
+    """Refuse, before any run, a user's CSV whose training split is smaller than the calibration
+    batches the runs draw from it (every run draws them, whatever its method).
+
+    Raises:
+        ValueError: naming the split's size, what the runs need, and the CSV rows that would give it.
+    """
+    for spec in specs:
+        if spec.task != "csv":  # the packaged tasks' splits are sized for their presets
+            continue
+        needed = spec.training.calibration_batches * spec.training.calibration_batch_size
+        task = task_factory(spec)
+        have = len(task.train_examples)
+        if have < needed:
+            fraction = have / max(1, task_config_rows(spec))
+            raise ValueError(
+                f"task 'csv': the runs draw {spec.training.calibration_batches} calibration batches of "
+                f"{spec.training.calibration_batch_size} = {needed} training examples, but the training split of "
+                f"{spec.task_options['train_csv']} has {have} (about {fraction:.0%} of its rows): give a CSV of "
+                f"at least {math.ceil(needed / max(fraction, 1e-9))} rows")
+        return  # one csv task per command: its first spec answers for all
+
+
+def task_config_rows(spec: Any) -> int:
+    """The rows of the spec's training CSV (the split's share of them is what the message reports)."""
+    from ..data.records import read_labeled_csv
+
+    return len(read_labeled_csv(spec.task_options["train_csv"], spec.task_options["text_column"],
+                                spec.task_options["label_column"])[0])
 
 
 def command_compare_runs(args: argparse.Namespace) -> int:

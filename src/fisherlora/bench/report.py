@@ -46,7 +46,8 @@ EVAL_COLUMNS: tuple[str, ...] = ("collapsed runs (one predicted class)",)
 def _metric_cell(m: MethodSummary) -> str:
     if not m.seeds:
         return MISSING
-    return f"{m.test_mean:.4f} ± {m.test_std:.4f} ({len(m.seeds)})"
+    spread = f"{m.test_std:.4f}" if len(m.seeds) > 1 else MISSING  # one seed has no standard deviation
+    return f"{m.test_mean:.4f} ± {spread} ({len(m.seeds)})"
 
 
 def _lr_cell(m: MethodSummary, stage: str) -> str:

@@ -24,12 +24,25 @@ def read_records(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     Raises ``FileNotFoundError`` if the file is missing and ``ValueError`` naming the file and the
     1-based line number for a line that is not a JSON object.
     """
-    return [record.fields for record in read_jsonl(path)]
+    try:
+        return [record.fields for record in read_jsonl(path)]
+    except ValueError as error:
+        # bench rewrites the file through a rename, so it never leaves half a line: a broken line was
+        # written by something else (an editor, a cut copy), and only the person who did can repair it.
+        raise ValueError(f"{error}; `fisherlora bench` writes this file whole (a temporary file and a rename), "
+                         "so the line was changed by something else: repair or delete it") from None
 
 
 def load_runs(results_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """Run records from ``results_dir/runs.jsonl`` (:func:`read_records`: missing file and bad lines raise)."""
-    return read_records(Path(results_dir) / RUNS_FILE)
+    """Run records from ``results_dir/runs.jsonl`` (:func:`read_records`: bad lines raise).
+
+    Raises:
+        FileNotFoundError: no ``runs.jsonl`` in ``results_dir`` (the message says how to make one).
+    """
+    path = Path(results_dir) / RUNS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no {RUNS_FILE} in {results_dir}: `fisherlora bench --out {results_dir}` writes one")
+    return read_records(path)
 
 
 def common_folder(folders: Sequence[str | os.PathLike[str]]) -> Path:

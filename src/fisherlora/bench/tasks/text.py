@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from fisherlora.bench import data
+from fisherlora.files import files_sha256
 
 from .assets import package_dir
 from .base import Task, register_task
@@ -61,6 +62,8 @@ class CsvTaskConfig:
     ``test_csv`` is the test set and the first CSV gives train/val. ``*_size`` ``None``
     means the whole pool. ``target_modules`` / ``modules_to_save`` ``None``: guessed from
     the model's module names (BERT, RoBERTa, DistilBERT, llama-style, GPT-2 families).
+    ``data_sha256``: the files' contents, which ``fisherlora bench`` records in every run id (an
+    edited CSV gives new runs) and the builder checks.
     """
 
     model_dir: str
@@ -77,6 +80,7 @@ class CsvTaskConfig:
     split_seed: int = 0
     target_modules: tuple[str, ...] | None = None
     modules_to_save: tuple[str, ...] | None = None
+    data_sha256: str | None = None  # of train_csv then test_csv (`files.files_sha256`); None: not checked
 
 
 # Attention projections by architecture family, first match wins (LoRA's usual q/v choice).
@@ -250,7 +254,17 @@ def build_text_task(config: TextTaskConfig) -> Task:
 
 @register_task("csv", "sequence_classification")
 def build_csv_task(config: CsvTaskConfig) -> Task:
-    """Bring your own model folder and CSV (text + label columns); metric: accuracy."""
+    """Bring your own model folder and CSV (text + label columns); metric: accuracy.
+
+    Raises:
+        ValueError: `config.data_sha256` is given and the files' contents no longer have it (edited
+            since the runs were planned: their run ids name the old contents).
+    """
+    if config.data_sha256 is not None:
+        paths = [config.train_csv, *([config.test_csv] if config.test_csv else [])]
+        if files_sha256(*paths) != config.data_sha256:
+            raise ValueError(f"task 'csv': {' and '.join(paths)} changed since the runs were planned (their run ids "
+                             "record the contents); run the command again to plan runs on the new contents")
     texts, labels = data.read_labeled_csv(config.train_csv, config.text_column, config.label_column)
     sizes = (config.train_size, config.val_size, config.test_size)
     if config.test_csv is None:
