@@ -115,3 +115,12 @@ def test_one_seed_shows_no_standard_deviation():
     table = format_table(summarize([make_run("lora", 1e-3, 0, 0.7, 0.7375),
                                     make_run("pissa", 1e-3, 0, 0.7, 0.70), make_run("pissa", 1e-3, 1, 0.7, 0.72)]))
     assert "0.7375 ± — (1)" in table and "0.7100 ± 0.0141 (2)" in table
+
+
+def test_a_test_split_of_one_class_is_refused(tmp_path: Path):
+    # 3 'neg' rows in 400: a test split of 'pos' only gave "test 1.0000" to a run that predicts one class.
+    train = write_csv(tmp_path / "train.csv", 200)
+    test = tmp_path / "test.csv"
+    test.write_text("text,label\n" + "".join(f"film {i},1\n" for i in range(10)))
+    with pytest.raises(ValueError, match=r"the test split has 1 distinct label\(s\) \['1'\] in 10 examples"):
+        tasks.build_task("csv", model_dir=str(tasks.minilm_dir()), train_csv=str(train), test_csv=str(test))

@@ -41,7 +41,8 @@ def add_bench_commands(commands: Any) -> None:
 
     bench = commands.add_parser("bench", help="run the benchmark (default: the quick preset)")
     bench.add_argument("--preset", default="quick", choices=sorted(PRESETS),
-                       help="which benchmark (default: quick; docs/protocol.md)")
+                       help="which benchmark (default: quick; docs/protocol.md): "
+                            + "; ".join(f"{name}: {PRESETS[name].description}" for name in sorted(PRESETS)))
     bench.add_argument("--out", default=None, help="results folder (default results/<preset>)")
     add_list_argument(bench, "--methods", default=None,
                       help="subset of methods, separated by spaces or commas (e.g. lora,pissa,fisher_svd,"

@@ -185,7 +185,7 @@ def sequence_classification_task(
     """Shared builder for ``text`` and ``csv``: ``splits`` are ``(texts, labels)`` for train/val/test.
 
     Label ids follow the sorted label strings of the training split; a val/test label
-    unseen in training raises ``ValueError``.
+    unseen in training, or a split with fewer than two labels, raises ``ValueError``.
     """
     from transformers import AutoTokenizer
 
@@ -198,6 +198,11 @@ def sequence_classification_task(
         unseen = sorted(set(labels) - set(label_id))
         if unseen:
             raise ValueError(f"task {name!r}: {part} labels {unseen[:10]} do not occur in the training split")
+        if part != "train" and len(set(labels)) < 2:
+            # Accuracy on one class rewards a model that predicts nothing else (1.0 for a collapsed run).
+            raise ValueError(f"task {name!r}: the {part} split has {len(set(labels))} distinct label(s) "
+                             f"{sorted(set(labels))} in {len(labels)} examples: give more rows of the other classes"
+                             + (" or a test CSV (--test-data) that has them" if part == "test" else ""))
         examples.append([(text, label_id[label]) for text, label in zip(texts, labels, strict=True)])
 
     with quiet_transformers():
