@@ -115,6 +115,8 @@ def test_one_seed_shows_no_standard_deviation():
     table = format_table(summarize([make_run("lora", 1e-3, 0, 0.7, 0.7375),
                                     make_run("pissa", 1e-3, 0, 0.7, 0.70), make_run("pissa", 1e-3, 1, 0.7, 0.72)]))
     assert "0.7375 ± — (1)" in table and "0.7100 ± 0.0141 (2)" in table
+    one = format_table(summarize([make_run("lora", 1e-3, 0, 0.7, 0.7375)]))
+    assert "1 seed (0); 1 LR per method" in one and "1 run, 0 failed" in one  # was "1 seeds", "1 LRs", "1 runs"
 
 
 def test_a_test_split_of_one_class_is_refused(tmp_path: Path):

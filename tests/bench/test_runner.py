@@ -292,5 +292,7 @@ def test_progress_note_counts_the_folder_and_shares_the_time_left_among_processe
 
     assert progress_note(37, 210, 1, 216.0) == ("[37/210 in the folder, 1 running elsewhere; about 5.2 h left at "
                                                 "3.6 min per run, 2 processes]")  # 173 runs x 216 s / 2
-    assert progress_note(210, 210, 0, 60.0) == "[210/210 in the folder; about 0.0 h left at 1.0 min per run]"
+    assert progress_note(210, 210, 0, 60.0) == "[210/210 in the folder; about 0 min left at 1.0 min per run]"
+    # Under an hour in minutes: "about 0.0 h left at 0.5 min per run" with two runs to go said nothing.
+    assert progress_note(1, 3, 0, 30.0) == "[1/3 in the folder; about 1 min left at 0.5 min per run]"
     assert progress_note(1, 4, 0, 3600.0) == "[1/4 in the folder; about 3.0 h left at 60.0 min per run]"

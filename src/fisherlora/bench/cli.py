@@ -155,6 +155,7 @@ def plan_table(specs: list[Any], done: set[str], running: set[str]) -> str:
 
 
 def command_bench(args: argparse.Namespace) -> int:
+    from .formatting import counted
     from .presets import get_preset
     from .processes import process_rank
     from .report import format_table, write_report
@@ -197,8 +198,9 @@ def command_bench(args: argparse.Namespace) -> int:
     done_before = len(done & run_ids)
     running_ids = RunClaims(out).held_elsewhere_ids(run_ids - done)
     shared = f", {len(running_ids)} running in other processes sharing the folder" if running_ids else ""
-    print(f"preset {preset.name}, stage {args.stage}: {len(specs)} runs ({done_before} already in {results.path}"
-          f"{shared}); tasks {', '.join(sorted({s.task for s in specs}))}, {len({s.method for s in specs})} methods, "
+    print(f"preset {preset.name}, stage {args.stage}: {counted(len(specs), 'run')} ({done_before} already in "
+          f"{results.path}{shared}); tasks {', '.join(sorted({s.task for s in specs}))}, "
+          f"{counted(len({s.method for s in specs}), 'method')}, "
           f"seeds {', '.join(str(seed) for seed in sorted({s.seed for s in specs}))}")
     if args.plan:
         print(plan_table(specs, done, running_ids))

@@ -7,6 +7,11 @@ import math
 MISSING = "—"
 
 
+def counted(count: int, noun: str) -> str:
+    """`1 run`, `2 runs`: the count with its noun, plural but for one (`noun` is the singular)."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def fmt_lr(lr: float | None) -> str:
     """Compact scientific notation: 0.0003 -> '3e-4', 0.00015 -> '1.5e-4'; None / NaN -> a dash."""
     if lr is None or not math.isfinite(lr):
@@ -38,4 +43,5 @@ def progress_note(done: int, total: int, running_elsewhere: int, seconds_per_run
     left_hours = max(total - done, 0) * seconds_per_run / processes / 3600
     elsewhere = f", {running_elsewhere} running elsewhere" if running_elsewhere else ""
     pace = f"{seconds_per_run / 60:.1f} min per run" + (f", {processes} processes" if processes > 1 else "")
-    return f"[{done}/{total} in the folder{elsewhere}; about {left_hours:.1f} h left at {pace}]"
+    left = f"{left_hours:.1f} h" if left_hours >= 1 else f"{left_hours * 60:.0f} min"  # "0.0 h" said nothing
+    return f"[{done}/{total} in the folder{elsewhere}; about {left} left at {pace}]"

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..files import atomic_write_bytes
-from .formatting import MISSING, fmt, fmt_lr, fmt_p
+from .formatting import MISSING, counted, fmt, fmt_lr, fmt_p
 from .plots import plot_loss_curves, plot_metric
 from .results import RUNS_FILE, load_runs
 from .summary import MethodSummary, TaskSummary, summarize
@@ -111,8 +111,8 @@ def _header(summary: TaskSummary) -> str:
         )
         return (
             f"### {summary.task} (preset {summary.preset}, stage 2: eval, metric {summary.metric_name})\n\n"
-            f"{best_text}; {len(seeds)} evaluation seeds ({', '.join(map(str, seeds))}); each method at its "
-            f"stage-1 LR; {summary.n_runs} runs, {summary.n_failed} failed. "
+            f"{best_text}; {counted(len(seeds), 'evaluation seed')} ({', '.join(map(str, seeds))}); each method at its "
+            f"stage-1 LR; {counted(summary.n_runs, 'run')}, {summary.n_failed} failed. "
             f"LoRA target loss (median final train loss): {target}."
         )
     best_text = (
@@ -122,8 +122,9 @@ def _header(summary: TaskSummary) -> str:
     )
     return (
         f"### {summary.task} (preset {summary.preset}, metric {summary.metric_name})\n\n"
-        f"{best_text}; {len(seeds)} seeds ({', '.join(map(str, seeds))}); {lrs} LRs per method, "
-        f"best LR chosen on validation; {summary.n_runs} runs, {summary.n_failed} failed. "
+        f"{best_text}; {counted(len(seeds), 'seed')} ({', '.join(map(str, seeds))}); "
+        f"{lrs} LR{'' if lrs == '1' else 's'} per method, "
+        f"best LR chosen on validation; {counted(summary.n_runs, 'run')}, {summary.n_failed} failed. "
         f"LoRA target loss (median final train loss at LoRA's best LR): {target}."
     )
 
