@@ -126,3 +126,16 @@ def test_a_test_split_of_one_class_is_refused(tmp_path: Path):
     test.write_text("text,label\n" + "".join(f"film {i},1\n" for i in range(10)))
     with pytest.raises(ValueError, match=r"the test split has 1 distinct label\(s\) \['1'\] in 10 examples"):
         tasks.build_task("csv", model_dir=str(tasks.minilm_dir()), train_csv=str(train), test_csv=str(test))
+
+
+def test_stage_one_tables_count_collapsed_runs():
+    # A collapsed run showed only as its accuracy in stage 1 (the count was in stage-2 tables only).
+    from fisherlora.bench.report import format_table
+    from fisherlora.bench.summary import summarize
+
+    from .records import make_run
+
+    runs = [make_run("lora", 1e-3, seed, 0.7, 0.55, test_predicted_majority_fraction=fraction)
+            for seed, fraction in ((0, 1.0), (1, 0.6))]
+    row = next(line for line in format_table(summarize(runs)).splitlines() if line.startswith("| **lora**"))
+    assert row.endswith("| 0/2 | 1/2 |")  # failed, then collapsed

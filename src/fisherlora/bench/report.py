@@ -36,8 +36,9 @@ COLUMNS: tuple[str, ...] = (
     "init s (median)",
     "init peak MB",
     "failed runs",
+    # Both stages: a run that predicts one class can still score (1.0 on a one-class test split).
+    "collapsed runs (one predicted class)",
 )
-EVAL_COLUMNS: tuple[str, ...] = ("collapsed runs (one predicted class)",)
 
 
 # ----------------------------------------------------------------------------- formatting
@@ -94,7 +95,7 @@ def _row(m: MethodSummary, summary: TaskSummary) -> list[str]:
         fmt(m.init_peak_rss_mb_median, ".0f"),
         f"{m.n_failed}/{m.n_runs}",
     ]
-    return cells + [_collapsed_cell(m)] if summary.stage == "eval" else cells
+    return [*cells, _collapsed_cell(m)]
 
 
 def _header(summary: TaskSummary) -> str:
@@ -130,7 +131,7 @@ def _header(summary: TaskSummary) -> str:
 
 
 def _table(summary: TaskSummary) -> str:
-    columns = COLUMNS + (EVAL_COLUMNS if summary.stage == "eval" else ())
+    columns = COLUMNS
     head = [col.format(metric=summary.metric_name) for col in columns]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     lines += ["| " + " | ".join(_row(m, summary)) + " |" for m in summary.methods]
@@ -169,10 +170,13 @@ def _provenance(runs: Sequence[dict[str, Any]]) -> str:
 def _markdown(runs: Sequence[dict[str, Any]], summaries: Sequence[TaskSummary]) -> str:
     legend = (
         "Columns: test metric at the validation-selected LR, mean ± std (ddof=1) over seeds; "
-        f"'{EDGE_MARK}': the best LR is at the end of the grid (extend it); Δ, p and wins/ties/losses: "
+        f"'{EDGE_MARK}': the best LR is at the end of the grid (extend it); '{NO_SWEEP_MARK}': one LR was run, "
+        "so none was chosen; Δ, p and wins/ties/losses: "
         "paired by seed against the best baseline (paired t-test; exact sign-flip test, whose smallest attainable p "
         "with n seeds is 2^(1-n)); steps: median over "
-        "seeds (never reached counts as infinite) of the first logged step at or below LoRA's final loss."
+        "seeds (never reached counts as infinite) of the first logged step at or below LoRA's final loss; "
+        f"collapsed: runs at the best LR whose test predictions are all one class ('{MISSING}': runs made before "
+        "that was recorded)."
     )
     body = format_table(summaries) if summaries else "No runs.\n"
     return f"# Benchmark summary\n\n{_provenance(runs)}\n\n{legend}\n\n{body}"
