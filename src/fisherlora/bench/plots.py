@@ -109,7 +109,8 @@ def plot_metric(summary: TaskSummary, path: Path) -> Path:
 
 
 def plot_overview(summaries: Sequence[TaskSummary], path: Path) -> Path:
-    """Grouped bars: each Fisher variant's paired Δ against the best baseline, one bar per task,
+    """Grouped bars: each compared method's paired Δ (the Fisher variants' and the papers' methods')
+    against the best baseline, one bar per task,
     error bars = standard deviation of the per-seed differences. Written atomically as PNG."""
     ours = [m for m in method_order(m.method for s in summaries for m in s.methods)
             if any(x.method == m and x.comparison is not None for s in summaries for x in s.methods)]
@@ -132,7 +133,8 @@ def plot_overview(summaries: Sequence[TaskSummary], path: Path) -> Path:
     ax.axhline(0.0, color="black", linewidth=0.8)
     ax.set_xticks(range(len(ours)), ours, rotation=30, ha="right")
     ax.set_ylabel("Δ test metric vs best baseline")
-    ax.set_title("Fisher variants against each task's best baseline (paired by seed; bars: mean ± std)")
+    # Not "Fisher variants": the papers' methods (LoRA-One, LoRA-GA at its scale, LoRA-DA) are compared too.
+    ax.set_title("Each compared method against its task's best baseline (paired by seed; bars: mean ± std)")
     ax.legend()
     ax.grid(True, axis="y", alpha=0.3)
     save_figure(fig, path)
