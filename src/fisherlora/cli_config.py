@@ -38,6 +38,11 @@ def _cli_fields(cls: type) -> list[tuple[Field[Any], Any]]:
     return [(item, hints[item.name]) for item in fields(cls) if item.metadata.get("cli", True)]
 
 
+def _flag(item: Field[Any]) -> str:
+    """The command-line flag of a `FisherConfig` field: its `flag` metadata, else `--name-with-dashes`."""
+    return str(item.metadata.get("flag", "--" + item.name.replace("_", "-")))
+
+
 def _default(item: Field[Any]) -> Any:
     if item.default is not MISSING:
         return item.default
@@ -58,8 +63,7 @@ def add_fisher_arguments(parser: argparse.ArgumentParser, entries: list[MethodEn
                         "describes them: those marked [peft] are PEFT's own and run in `fisherlora bench` only")
     group = parser.add_argument_group("statistics and damping")
     for item, field_type in _cli_fields(FisherConfig):
-        flag = item.metadata.get("flag", "--" + item.name.replace("_", "-"))
-        _add_typed(group, item, field_type, flag, _DEST_PREFIX + item.name, _default(item), _default(item))
+        _add_typed(group, item, field_type, _flag(item), _DEST_PREFIX + item.name, _default(item), _default(item))
     group.add_argument("--no-progress", action="store_true", help="no progress bar")
     for options in _options_classes(entries):
         group = parser.add_argument_group(f"options of {', '.join(e.name for e in entries if e.options is options)}")
@@ -123,7 +127,6 @@ def _with_flags(message: str) -> str:
     """`message` with each `FisherConfig.<field>` it names spelled as the field's flag (`--batches`,
     not `FisherConfig.num_batches`): on the command line the flag is what the user typed."""
     for item, _ in _cli_fields(FisherConfig):
-        flag = item.metadata.get("flag", "--" + item.name.replace("_", "-"))
-        message = re.sub(rf"\bFisherConfig\.{item.name}\b", flag, message)
+        message = re.sub(rf"\bFisherConfig\.{item.name}\b", _flag(item), message)
     return message
 

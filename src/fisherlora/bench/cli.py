@@ -232,28 +232,23 @@ def check_calibration_sizes(specs: list[Any], task_factory: Callable[[Any], Any]
     Raises:
         ValueError: naming the split's size, what the runs need, and the CSV rows that would give it.
     """
-    for spec in specs:
-        if spec.task != "csv":  # the packaged tasks' splits are sized for their presets
-            continue
-        needed = spec.training.calibration_batches * spec.training.calibration_batch_size
-        task = task_factory(spec)
-        have = len(task.train_examples)
-        if have < needed:
-            fraction = have / max(1, task_config_rows(spec))
-            raise ValueError(
-                f"task 'csv': the runs draw {spec.training.calibration_batches} calibration batches of "
-                f"{spec.training.calibration_batch_size} = {needed} training examples, but the training split of "
-                f"{spec.task_options['train_csv']} has {have} (about {fraction:.0%} of its rows): give a CSV of "
-                f"at least {math.ceil(needed / max(fraction, 1e-9))} rows")
-        return  # one csv task per command: its first spec answers for all
-
-
-def task_config_rows(spec: Any) -> int:
-    """The rows of the spec's training CSV (the split's share of them is what the message reports)."""
-    from ..data.records import read_labeled_csv
-
-    return len(read_labeled_csv(spec.task_options["train_csv"], spec.task_options["text_column"],
-                                spec.task_options["label_column"])[0])
+    # One csv task per command, with the preset's one training config: its first spec answers for all.
+    # The packaged tasks' splits are sized for their presets.
+    spec = next((spec for spec in specs if spec.task == "csv"), None)
+    if spec is None:
+        return
+    needed = spec.training.calibration_batches * spec.training.calibration_batch_size
+    task = task_factory(spec)
+    have = len(task.train_examples)
+    if have < needed:
+        # The training CSV's rows are its splits' examples (the test split too, unless a test CSV gives it).
+        rows = have + len(task.val_examples) + (len(task.test_examples) if task.config.test_csv is None else 0)
+        fraction = have / max(1, rows)
+        raise ValueError(
+            f"task 'csv': the runs draw {spec.training.calibration_batches} calibration batches of "
+            f"{spec.training.calibration_batch_size} = {needed} training examples, but the training split of "
+            f"{spec.task_options['train_csv']} has {have} (about {fraction:.0%} of its rows): give a CSV of "
+            f"at least {math.ceil(needed / max(fraction, 1e-9))} rows")
 
 
 def command_compare_runs(args: argparse.Namespace) -> int:

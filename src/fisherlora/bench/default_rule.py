@@ -96,7 +96,8 @@ def _planned(method: str) -> bool:
 
 def _incomplete(summaries: Sequence[TaskSummary], seeds_needed: int, tasks: Sequence[str]) -> list[str]:
     evals = {(s.preset, s.task): s for s in summaries if s.stage == "eval"}
-    absent = [task for task in tasks if task not in {task for _, task in evals}]
+    present = {task for _, task in evals}
+    absent = [task for task in tasks if task not in present]
     # A report of some tasks only ranks the variants on those: the rule is over every task.
     reasons = [f"no stage-2 results of {', '.join(absent)} (the rule covers {', '.join(tasks)})"] if absent else []
     for tune in (s for s in summaries if s.stage == "tune"):

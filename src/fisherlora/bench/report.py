@@ -131,8 +131,7 @@ def _header(summary: TaskSummary) -> str:
 
 
 def _table(summary: TaskSummary) -> str:
-    columns = COLUMNS
-    head = [col.format(metric=summary.metric_name) for col in columns]
+    head = [col.format(metric=summary.metric_name) for col in COLUMNS]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     lines += ["| " + " | ".join(_row(m, summary)) + " |" for m in summary.methods]
     return "\n".join(lines)

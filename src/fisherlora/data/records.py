@@ -60,11 +60,17 @@ def open_text(path: Path) -> io.TextIOBase:
     return open(path, encoding="utf-8", newline="")  # noqa: SIM115 - returned to the caller
 
 
-def file_format(path: str | Path) -> str:
-    """"csv" or "jsonl", from the file name (compression suffix ignored); `ValueError` otherwise."""
+def _uncompressed_name(path: str | Path) -> str:
+    """The file name in lower case without its compression suffix (`.bz2`, `.gz`)."""
     name = Path(path).name.lower()
     for suffix in COMPRESSED_SUFFIXES:
         name = name.removesuffix(suffix)
+    return name
+
+
+def file_format(path: str | Path) -> str:
+    """"csv" or "jsonl", from the file name (compression suffix ignored); `ValueError` otherwise."""
+    name = _uncompressed_name(path)
     if name.endswith(CSV_SUFFIXES):
         return "csv"
     if name.endswith(JSONL_SUFFIXES):
@@ -172,7 +178,7 @@ def read_labeled_examples(path: str | Path, text_field: str, label_field: str) -
         ValueError: a missing file, column or field (naming the line and the fields present), or a
             text that is not a string.
     """
-    if Path(path).name.lower().removesuffix(".bz2").removesuffix(".gz").endswith(JSONL_SUFFIXES):
+    if _uncompressed_name(path).endswith(JSONL_SUFFIXES):
         texts, labels = [], []
         for record in read_records(path):
             for name in (text_field, label_field):
